@@ -1,0 +1,114 @@
+"""`mergelab.merge(recipe, out)`: the merge flow, recipe -> plan -> execute -> output folder.
+
+The Python twin of `mergelab merge recipe.yaml OUT`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from mergelab.execute import execute, resolve_device
+from mergelab.plan import Plan, make_plan
+from mergelab.recipe import Recipe, load_recipe
+from mergelab.writer import OutputFolder, ShardedWriter, parse_size
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+RECIPE_FILE = "mergekit_config.yml"  # the name merge tooling and model hubs look for
+
+
+def merge(
+    recipe: str | os.PathLike[str] | dict | Recipe,
+    out: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Run a merge recipe (a YAML path, a dict, or a `Recipe`) and write the model to `out`.
+
+    Everything is validated before the first tensor is read; the model is written into
+    `out.partial/` and renamed to `out` when complete. Returns the output folder.
+    """
+    recipe = load_recipe(recipe)
+    folder = OutputFolder(out, overwrite)
+    size = parse_size(shard_size)
+    resolve_device(device)
+    plan = make_plan(recipe, allow_pickle=allow_pickle)
+    chat_template = _chat_template(recipe)
+    try:
+        partial = folder.create()
+        writer = ShardedWriter(partial, [(j.name, j.shape, j.dtype) for j in plan.jobs], size)
+        try:
+            execute(plan, writer, device=device, seed=seed, progress=progress)
+            writer.close()
+        finally:
+            writer.abort()
+        write_metadata(plan, partial, seed=seed, chat_template=chat_template)
+        return folder.commit()
+    except BaseException:
+        folder.discard()
+        raise
+    finally:
+        plan.close()
+
+
+def _chat_template(recipe: Recipe) -> str | None:
+    from mergelab.errors import RecipeError
+
+    value = recipe.chat_template
+    if value is None or "{%" in value or "{{" in value:
+        return value
+    if value == "chatml":
+        return CHATML
+    raise RecipeError(f"chat_template: unknown template name {value!r}; use 'chatml' or a Jinja template string")
+
+
+def write_metadata(plan: Plan, folder: Path, *, seed: int, chat_template: str | None) -> None:
+    """config.json, generation config, tokenizer files, the recipe and a model card."""
+    (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    gen = plan.template.path / "generation_config.json"
+    if gen.is_file():
+        shutil.copyfile(gen, folder / gen.name)
+    for name in TOKENIZER_FILES:
+        src = plan.tokenizer_dir / name
+        if src.is_file():
+            shutil.copyfile(src, folder / name)
+    if chat_template is not None:
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg["chat_template"] = chat_template
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    (folder / RECIPE_FILE).write_text(plan.recipe.to_yaml(absolute_paths=True))
+    (folder / "README.md").write_text(model_card(plan, seed))
+
+
+def model_card(plan: Plan, seed: int) -> str:
+    recipe = plan.recipe
+    sources = [str(c.path) for c in plan.checkpoints]
+    base = str(recipe.resolve(recipe.base_model)) if recipe.base_model else None
+    lines = ["---", "library_name: transformers", "tags:", "- mergelab", "- merge"]
+    if base:
+        lines += ["base_model:", f"- {base}"]
+    lines += ["---", "", f"# {recipe.name or Path(sources[0]).name + ' merge'}", "",
+              f"This model was merged with [mergelab](https://github.com/mergelab/mergelab) using the "
+              f"**{recipe.merge_method}** method{' (seed ' + str(seed) + ')' if plan.method.randomised else ''}.", "",
+              "## Sources", ""]
+    lines += [f"- {s}{' (base)' if s == base else ''}" for s in sources]
+    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml(absolute_paths=True).rstrip(), "```", ""]
+    return "\n".join(lines)

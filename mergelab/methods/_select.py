@@ -1,0 +1,83 @@
+"""Exact rank selection without a full sort.
+
+TIES, breadcrumbs and their kin keep the top-k magnitudes of every task vector. A full sort
+(or `torch.kthvalue`) of a 100M-element tensor costs seconds; instead we find the value at a
+given rank exactly in three cheap passes:
+
+1) sort a strided sample of ~64K elements and read off a bracket [lo, hi] that holds the
+   wanted rank with overwhelming probability (the bracket is verified, never trusted);
+2) one pass counts the elements below `lo` and gathers those inside the bracket;
+3) `kthvalue` on the few gathered elements gives the exact value.
+
+Ties are broken by position (the earlier element ranks lower), so the masks below keep
+exactly the number of elements asked for, as an argsort-based selection does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_SAMPLE = 1 << 16
+_SMALL = 1 << 17
+
+
+def value_at_rank(v: torch.Tensor, r: int) -> tuple[torch.Tensor, int, int]:
+    """Value of 0-based ascending rank `r` in flat `v`, with the counts below and equal to it."""
+    n = v.numel()
+    if n <= _SMALL:
+        val = v.kthvalue(r + 1).values
+        return val, int((v < val).sum()), int((v == val).sum())
+    # 1) bracket from a strided sample; slack of ~4 standard deviations of the sample rank
+    stride = n // _SAMPLE
+    sample = v[::stride].sort().values
+    m = sample.numel()
+    pos = (r + 0.5) * m / n
+    slack = 4.0 * math.sqrt(m * (r + 1) / n * (1 - r / n)) + 8
+    i_lo, i_hi = int(pos - slack), int(pos + slack)
+    lo = sample[i_lo] if i_lo >= 0 else None
+    hi = sample[i_hi] if i_hi < m else None
+    # 2) count below the bracket, gather inside it
+    inside_mask = torch.ones_like(v, dtype=torch.bool)
+    below = 0
+    if lo is not None:
+        below = int(torch.lt(v, lo).sum())
+        inside_mask &= v >= lo
+    if hi is not None:
+        inside_mask &= v <= hi
+    inside = v[inside_mask]
+    if not below <= r < below + inside.numel():  # the sample lied: exact fallback
+        val = v.kthvalue(r + 1).values
+        return val, int((v < val).sum()), int((v == val).sum())
+    # 3) exact selection among the few
+    val = inside.kthvalue(r - below + 1).values
+    return val, below + int((inside < val).sum()), int((inside == val).sum())
+
+
+def rank_at_least(v: torch.Tensor, r: int) -> torch.Tensor:
+    """Bool mask (shape of `v`) of the elements whose ascending rank is >= r: the top n - r."""
+    n = v.numel()
+    if r <= 0:
+        return torch.ones_like(v, dtype=torch.bool)
+    if r >= n:
+        return torch.zeros_like(v, dtype=torch.bool)
+    flat = v.reshape(-1)
+    val, n_less, n_equal = value_at_rank(flat, r)
+    wanted_equal = n_less + n_equal - r  # how many of the tied elements rank >= r
+    if wanted_equal == n_equal:
+        return v >= val
+    mask = flat > val
+    tied = torch.nonzero(flat == val).squeeze(1)
+    mask[tied[n_equal - wanted_equal :]] = True  # later positions rank higher
+    return mask.reshape(v.shape)
+
+
+def top_k_mask(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest elements of `v` (ties: earlier positions lose)."""
+    return rank_at_least(v, v.numel() - k)
+
+
+def rank_window_mask(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Bool mask of the elements whose ascending rank lies in [lo, hi)."""
+    return rank_at_least(v, lo) & ~rank_at_least(v, hi)

@@ -1,0 +1,102 @@
+"""Sparsifiers for task vectors: which entries of delta = model - base survive, and how the
+survivors are rescaled. Each returns a `Sparse` (a keep-mask and a scale) rather than a new
+tensor, so the merge can apply it chunk by chunk without another full-size copy.
+
+| name               | keeps                                             | source |
+|--------------------|---------------------------------------------------|--------|
+| magnitude          | the top `density` fraction by |delta|             | TIES, arXiv:2306.01708 |
+| random             | each entry with probability `density`             | DARE, arXiv:2311.03099 |
+| magnitude_outliers | drops the top `gamma` fraction, then the smallest | Breadcrumbs, arXiv:2312.06795 |
+| della_magprune     | each entry with probability density - eps + 2 eps * rank/(cols-1) within its row | DELLA, arXiv:2406.11617 |
+
+Rescaling (`rescale_mode`): "l1" (mergekit's choice: scale the survivors so the L1 norm of
+the task vector is unchanged), "l2", "linf", or "probability" (the papers' choice: divide
+each survivor by its keep probability, 1/density for DARE, 1/p_i for DELLA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mergelab.methods._select import rank_window_mask, top_k_mask
+
+RESCALE_MODES = ("l1", "l2", "linf", "probability")
+
+
+@dataclass
+class Sparse:
+    """delta_sparse = delta * keep * scale; `keep` None means keep all; `scale` float or tensor."""
+
+    keep: torch.Tensor | None = None
+    scale: float | torch.Tensor = 1.0
+
+
+def magnitude(delta: torch.Tensor, density: float) -> Sparse:
+    """Keep the k = max(1, int(density * n)) entries of largest magnitude."""
+    if density >= 1:
+        return Sparse()
+    if density <= 0 or delta.numel() == 0:
+        return Sparse(keep=torch.zeros_like(delta, dtype=torch.bool))
+    k = max(1, int(density * delta.numel()))
+    return Sparse(keep=top_k_mask(delta.abs(), k))
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> Sparse:
+    """Drop the int(gamma * n) largest magnitudes and enough of the smallest to keep int(density * n)."""
+    if density >= 1:
+        return Sparse()
+    n = delta.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - target - n_top)  # fewer outliers dropped when density demands it
+    return Sparse(keep=rank_window_mask(delta.abs(), n_bottom, n_bottom + target))
+
+
+def random(delta: torch.Tensor, density: float, generator: torch.Generator) -> Sparse:
+    """Keep each entry independently with probability `density` (a seeded Bernoulli mask)."""
+    if density >= 1:
+        return Sparse()
+    draws = torch.rand(delta.shape, generator=generator, device=delta.device)
+    return Sparse(keep=draws < density, scale=1.0 / density if density > 0 else 0.0)
+
+
+def della_magprune(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> Sparse:
+    """Keep entries with a probability that grows linearly with their magnitude rank in the row."""
+    if density >= 1:
+        return Sparse()
+    if density <= 0:
+        return Sparse(keep=torch.zeros_like(delta, dtype=torch.bool))
+    if density - epsilon <= 0 or density + epsilon >= 1:
+        raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1 (density {density}, epsilon {epsilon})")
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)  # (rows, cols)
+    cols = rows.shape[1]
+    order = rows.abs().argsort(dim=1, stable=True)  # (rows, cols)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(cols, device=rows.device).expand_as(order))
+    rank_norm = ranks.to(torch.float32) / (cols - 1) if cols > 1 else torch.full_like(rows, 0.5)
+    probs = (density - epsilon) + rank_norm * (2 * epsilon)  # (rows, cols)
+    draws = torch.rand(probs.shape, generator=generator, device=delta.device)
+    keep = (draws < probs).reshape(delta.shape)
+    return Sparse(keep=keep, scale=(1.0 / probs).reshape(delta.shape))
+
+
+def rescale(delta: torch.Tensor, sparse: Sparse, mode: str | None, eps: float = 1e-7) -> Sparse:
+    """Choose the survivors' scale: by keep probability, or to preserve a norm of `delta`."""
+    if sparse.keep is None or mode == "probability":
+        return sparse
+    if mode is None:
+        return Sparse(sparse.keep, 1.0)
+    kept = delta * sparse.keep
+    if mode == "l1":
+        before, after = delta.abs().sum(), kept.abs().sum()
+    elif mode == "l2":
+        before, after = delta.norm(), kept.norm()
+    elif mode == "linf":
+        before, after = delta.abs().max(), kept.abs().max()
+    else:
+        raise ValueError(f"unknown rescale mode {mode!r}; choose one of {', '.join(RESCALE_MODES)}")
+    if before < eps or after < eps:
+        return Sparse(sparse.keep, 1.0)
+    return Sparse(sparse.keep, float(before / after))

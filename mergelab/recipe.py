@@ -1,0 +1,225 @@
+"""Merge recipes in mergekit's YAML schema, validated before any tensor is read.
+
+    merge_method: ties
+    base_model: ../zoo/base
+    models:
+      - model: ../zoo/experts/add
+        parameters: {weight: 0.6, density: [0.2, 0.8]}   # a gradient over the layers
+    parameters: {normalize: true}
+    dtype: bfloat16
+
+A parameter value is a scalar, a list of numbers (a gradient, interpolated over the layers),
+or a list of `{filter, value}` entries (the first whose filter is a substring of the tensor
+name wins; no filter matches everything). Model paths are resolved relative to the recipe file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergelab.errors import RecipeError
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class Conditional(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: "Setting"
+
+
+Setting = Union[bool, int, float, str, list[float], list[Conditional]]
+Conditional.model_rebuild()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    model: str
+    parameters: dict[str, Setting] | None = None
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Setting] | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class Slice(_Strict):
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Setting] | None = None
+
+
+class Recipe(_Strict):
+    """A validated recipe. `root` is the folder relative paths are resolved against."""
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelSpec] | None = None
+    slices: list[Slice] | None = None
+    parameters: dict[str, Setting] | None = None
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    name: str | None = None
+    root: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    def resolve(self, path: str) -> Path:
+        """A model path from the recipe: `~` expanded, relative ones against the recipe's folder."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+    def to_yaml(self, *, absolute_paths: bool = False) -> str:
+        data = self.model_dump(mode="json", exclude_none=True, exclude={"root"})
+        if absolute_paths:
+            data = _map_paths(data, lambda p: str(self.resolve(p)))
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+def _map_paths(data: dict, fn: Any) -> dict:
+    """Apply `fn` to every model path of a dumped recipe."""
+    data = dict(data)
+    for key in ("base_model", "tokenizer_source"):
+        if key in data and not (key == "tokenizer_source" and data[key] in ("base", "union")):
+            data[key] = fn(data[key])
+    for m in data.get("models") or []:
+        m["model"] = fn(m["model"])
+    for s in data.get("slices") or []:
+        if s.get("base_model"):
+            s["base_model"] = fn(s["base_model"])
+        for src in s["sources"]:
+            src["model"] = fn(src["model"])
+    return data
+
+
+def load_recipe(source: str | os.PathLike[str] | dict | Recipe) -> Recipe:
+    """Read and validate a recipe from a YAML file, a dict (paths relative to cwd) or a Recipe."""
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, dict):
+        return parse_recipe(source, Path.cwd(), "recipe")
+    path = Path(source)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping with a 'merge_method' key")
+    return parse_recipe(data, path.resolve().parent, str(path))
+
+
+def parse_recipe(data: dict, root: Path, label: str) -> Recipe:
+    """Validate the schema (keys, types); `label` names the recipe in errors."""
+    if "tokenizer" in data:
+        raise RecipeError(f"{label}: tokenizer: the tokenizer block is not supported yet; use tokenizer_source: base or a model path")
+    try:
+        recipe = Recipe.model_validate({**data, "root": root})
+    except ValidationError as exc:
+        raise RecipeError(f"{label}: {_describe(exc)}") from None
+    _check_structure(recipe, label)
+    return recipe
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first pydantic error as `key.path: message`."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("list[", "function-", "tuple[")))
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+        if err["loc"] and err["loc"][0] != "parameters":
+            msg += " (allowed: " + ", ".join(k for k in Recipe.model_fields if k != "root") + ")" if len(err["loc"]) == 1 else ""
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif err["type"] == "literal_error":
+        msg = f"must be one of {', '.join(DTYPES)}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _check_structure(recipe: Recipe, label: str) -> None:
+    if (recipe.models is None) == (recipe.slices is None):
+        raise RecipeError(f"{label}: give exactly one of 'models' or 'slices'")
+    if recipe.models is not None and not recipe.models and not recipe.base_model:
+        raise RecipeError(f"{label}: models: the list is empty")
+    if recipe.tokenizer_source == "union":
+        raise RecipeError(f"{label}: tokenizer_source: 'union' (merged vocabularies) is not supported yet; use 'base' or a model path")
+    for key, value in _iter_settings(recipe):
+        _check_finite(value, f"{label}: {key}")
+
+
+def _iter_settings(recipe: Recipe):
+    """Every (key path, setting) in the recipe."""
+    for name, v in (recipe.parameters or {}).items():
+        yield f"parameters.{name}", v
+    for i, m in enumerate(recipe.models or []):
+        for name, v in (m.parameters or {}).items():
+            yield f"models[{i}].parameters.{name}", v
+    for i, s in enumerate(recipe.slices or []):
+        for name, v in (s.parameters or {}).items():
+            yield f"slices[{i}].parameters.{name}", v
+        for j, src in enumerate(s.sources):
+            for name, v in (src.parameters or {}).items():
+                yield f"slices[{i}].sources[{j}].parameters.{name}", v
+
+
+def _check_finite(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{where}: value must be finite, got {value}")
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v.value if isinstance(v, Conditional) else v, f"{where}[{i}]")
+
+
+def scalars(setting: Setting) -> list[Any]:
+    """Every scalar a setting can evaluate to (gradient points, filtered values)."""
+    if isinstance(setting, list):
+        out: list[Any] = []
+        for item in setting:
+            out += scalars(item.value) if isinstance(item, Conditional) else [item]
+        return out
+    return [setting]
+
+
+def evaluate(setting: Setting | None, tensor_name: str, t: float) -> Any:
+    """The value of a setting for one tensor at layer position t in [0, 1] (mergekit's rule)."""
+    if setting is None or not isinstance(setting, list):
+        return setting
+    if not setting:
+        return None
+    if all(not isinstance(e, Conditional) for e in setting):
+        # a gradient: piecewise-linear interpolation between evenly spaced points
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+            return evaluate(cond.value, tensor_name, t)
+    return None
