@@ -1,0 +1,284 @@
+"""Regenerate the mergekit golden outputs for `tests/test_parity_mergekit.py`.
+
+Run with the mergekit venv (this script must not import mergelab):
+
+    /work/mkvenv/bin/python tests/golden/make_golden.py
+
+It writes tiny random Llama-shaped checkpoints (`inputs/<model>.safetensors`, one shared
+`config.json`), one recipe per case (`cases/<case>.yaml`, `dtype: float32` unless the case sets one, model paths `models/<name>`
+relative to the recipe) and mergekit's merged tensors (`cases/<case>.safetensors`), plus
+`manifest.json` with the mergekit version and each output's layer count.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+HERE = Path(__file__).resolve().parent
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": 32,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+LAYER = {
+    "input_layernorm.weight": (16,),
+    "self_attn.q_proj.weight": (16, 16),
+    "self_attn.k_proj.weight": (16, 16),
+    "self_attn.v_proj.weight": (16, 16),
+    "self_attn.o_proj.weight": (16, 16),
+    "post_attention_layernorm.weight": (16,),
+    "mlp.gate_proj.weight": (32, 16),
+    "mlp.up_proj.weight": (32, 16),
+    "mlp.down_proj.weight": (16, 32),
+}
+
+
+def shapes() -> dict[str, tuple[int, ...]]:
+    out = {"model.embed_tokens.weight": (32, 16)}
+    for i in range(CONFIG["num_hidden_layers"]):
+        out.update({f"model.layers.{i}.{k}": v for k, v in LAYER.items()})
+    out.update({"model.norm.weight": (16,), "lm_head.weight": (32, 16)})
+    return out
+
+
+def make_models() -> dict[str, dict[str, torch.Tensor]]:
+    """base: random; a, b, c: base plus task vectors of different sizes (signs conflict)."""
+    g = torch.Generator().manual_seed(1234)
+    base = {}
+    for name, shape in shapes().items():
+        if len(shape) == 1:  # norms: near 1, so SLERP takes its linear branch there
+            base[name] = 1 + 0.01 * torch.randn(shape, generator=g)
+        else:
+            base[name] = 0.1 * torch.randn(shape, generator=g)
+    models = {"base": base}
+    for key, scale in (("a", 0.05), ("b", 0.03), ("c", 0.08)):
+        models[key] = {n: t + scale * torch.randn(t.shape, generator=g) for n, t in base.items()}
+    return models
+
+
+def m(name: str) -> str:
+    return f"models/{name}"
+
+
+CASES: dict[str, dict] = {
+    "linear_normalize": {
+        "merge_method": "linear",
+        "models": [{"model": m("a"), "parameters": {"weight": 1.0}},
+                   {"model": m("b"), "parameters": {"weight": 2.0}},
+                   {"model": m("c"), "parameters": {"weight": 0.5}}],
+        "parameters": {"normalize": True},
+    },
+    "linear_sum": {
+        "merge_method": "linear",
+        "models": [{"model": m("a"), "parameters": {"weight": [0.3, 0.9]}},
+                   {"model": m("b"), "parameters": {"weight": 0.5}}],
+        "parameters": {"normalize": False},
+    },
+    "slerp_gradient": {
+        "merge_method": "slerp",
+        "base_model": m("base"),
+        "models": [{"model": m("base")}, {"model": m("a")}],
+        "parameters": {"t": [0, 0.5, 1]},
+    },
+    "slerp_filter": {
+        "merge_method": "slerp",
+        "base_model": m("base"),
+        "models": [{"model": m("base")}, {"model": m("c")}],
+        "parameters": {"t": [{"filter": "self_attn", "value": 0.3},
+                             {"filter": "mlp", "value": [0, 1]},
+                             {"value": 0.7}]},
+    },
+    "nuslerp_nobase": {
+        "merge_method": "nuslerp",
+        "models": [{"model": m("a"), "parameters": {"weight": 1.0}},
+                   {"model": m("b"), "parameters": {"weight": 3.0}}],
+    },
+    "nuslerp_base_rowwise": {
+        "merge_method": "nuslerp",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 0.4}},
+                   {"model": m("c"), "parameters": {"weight": 0.6}}],
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+    },
+    "nuslerp_base_colwise": {
+        "merge_method": "nuslerp",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 0.4}},
+                   {"model": m("c"), "parameters": {"weight": 0.6}}],
+        "parameters": {"nuslerp_flatten": False},
+    },
+    "task_arithmetic": {
+        "merge_method": "task_arithmetic",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 0.7}},
+                   {"model": m("b"), "parameters": {"weight": [0.2, 0.5]}}],
+        "parameters": {"lambda": 0.8},
+    },
+    "ties": {
+        "merge_method": "ties",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": [1.0, 0.5], "density": [0.2, 0.8]}},
+                   {"model": m("b"), "parameters": {"weight": 0.6, "density": 0.5}},
+                   {"model": m("c"), "parameters": {"weight": 0.4, "density": 0.7}}],
+        "parameters": {"normalize": True},
+    },
+    "ties_sum_lambda": {
+        "merge_method": "ties",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 0.5, "density": 0.3}},
+                   {"model": m("c"), "parameters": {"weight": 0.5, "density": 0.6}}],
+        "parameters": {"normalize": False, "lambda": 1.5, "int8_mask": True},
+    },
+    "breadcrumbs": {
+        "merge_method": "breadcrumbs",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 0.6, "density": 0.8, "gamma": 0.05}},
+                   {"model": m("b"), "parameters": {"weight": 0.5, "density": 0.6, "gamma": 0.1}}],
+    },
+    "breadcrumbs_ties": {
+        "merge_method": "breadcrumbs_ties",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 0.6, "density": 0.7}},
+                   {"model": m("b"), "parameters": {"weight": 0.5, "density": 0.5, "gamma": 0.1}},
+                   # density + gamma > 1: the outlier cut shrinks (n_bot clamps to 0)
+                   {"model": m("c"), "parameters": {"weight": 0.3, "density": 0.95, "gamma": 0.1}}],
+        "parameters": {"normalize": True, "rescale": True, "gamma": 0.02},
+    },
+    "model_stock": {
+        "merge_method": "model_stock",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+    },
+    "model_stock_filter_wise": {
+        "merge_method": "model_stock",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+        "parameters": {"filter_wise": True},
+    },
+    "passthrough_slices": {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": m("base"), "layer_range": [0, 3]}]},
+            {"sources": [{"model": m("a"), "layer_range": [1, 4],
+                          "parameters": {"scale": [{"filter": "o_proj", "value": 0.0},
+                                                   {"filter": "down_proj", "value": 0.5},
+                                                   {"value": 1.0}]}}]},
+        ],
+    },
+    # inputs rounded to bfloat16 before merging, output bfloat16 (the math itself is float32)
+    "linear_bf16": {
+        "merge_method": "linear",
+        "models": [{"model": m("a"), "parameters": {"weight": 0.3}},
+                   {"model": m("c"), "parameters": {"weight": 0.7}}],
+        "dtype": "bfloat16",
+    },
+    # randomised methods at density 1 are deterministic: plain task arithmetic / TIES sums
+    "dare_linear_density1": {
+        "merge_method": "dare_linear",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 0.6, "density": 1.0}},
+                   {"model": m("b"), "parameters": {"weight": 0.4, "density": 1.0}}],
+    },
+    "dare_ties_density1": {
+        "merge_method": "dare_ties",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 0.6, "density": 1.0}},
+                   {"model": m("c"), "parameters": {"weight": 0.4, "density": 1.0}}],
+        "parameters": {"normalize": True},
+    },
+    "della_density1": {
+        "merge_method": "della",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 0.6, "density": 1.0}},
+                   {"model": m("c"), "parameters": {"weight": 0.4, "density": 1.0}}],
+    },
+    "della_linear_density1": {
+        "merge_method": "della_linear",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 0.6, "density": 1.0}},
+                   {"model": m("b"), "parameters": {"weight": 0.4, "density": 1.0}}],
+        "parameters": {"lambda": 0.9},
+    },
+}
+
+
+def run_mergekit(recipe_path: Path, out: Path) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    data = yaml.safe_load(recipe_path.read_text())
+    # mergekit resolves paths against the working directory: make them absolute
+    data = _absolute(data, recipe_path.parent)
+    config = MergeConfiguration.model_validate(data)
+    run_merge(config, str(out), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))
+
+
+def _absolute(data: dict, root: Path) -> dict:
+    def fix(p: str) -> str:
+        return str((root / p).resolve())
+
+    if "base_model" in data:
+        data["base_model"] = fix(data["base_model"])
+    for entry in data.get("models", []):
+        entry["model"] = fix(entry["model"])
+    for s in data.get("slices", []):
+        for src in s["sources"]:
+            src["model"] = fix(src["model"])
+    return data
+
+
+def main() -> None:
+    import mergekit  # noqa: F401  (fail early outside the mergekit venv)
+    from importlib.metadata import version
+
+    models = make_models()
+    inputs, cases = HERE / "inputs", HERE / "cases"
+    for d in (inputs, cases):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+    (HERE / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
+    for name, tensors in models.items():
+        save_file(tensors, str(inputs / f"{name}.safetensors"))
+    manifest = {"mergekit_version": version("mergekit"), "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in models:  # model folders next to the recipes, as the test builds them
+            (work / "models" / name).mkdir(parents=True)
+            shutil.copy(inputs / f"{name}.safetensors", work / "models" / name / "model.safetensors")
+            (work / "models" / name / "config.json").write_text(json.dumps(CONFIG))
+        for case, recipe in CASES.items():
+            recipe = {**recipe, "dtype": recipe.get("dtype", "float32")}
+            text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
+            (cases / f"{case}.yaml").write_text(text)
+            (work / f"{case}.yaml").write_text(text)
+            out = work / f"out_{case}"
+            run_mergekit(work / f"{case}.yaml", out)
+            merged: dict[str, torch.Tensor] = {}
+            for shard in sorted(out.glob("*.safetensors")):
+                merged.update(load_file(str(shard)))
+            save_file({k: v.contiguous() for k, v in merged.items()}, str(cases / f"{case}.safetensors"))
+            layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+            manifest["cases"][case] = {"num_hidden_layers": layers, "tensors": len(merged)}
+            print(f"{case}: {len(merged)} tensors, {layers} layers")
+    (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
