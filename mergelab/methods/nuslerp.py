@@ -3,7 +3,8 @@
 Source: mergekit's nuslerp. The interpolation factor comes from the two models' weights,
 t = w_1 / (w_0 + w_1) (0.5 if the weights sum to ~0). With a base model, the two *task
 vectors* x_i - b are interpolated and b is added back. Vectors are the whole tensor
-(`nuslerp_flatten: true`, default), its rows (`nuslerp_row_wise: true`) or its columns:
+(`nuslerp_flatten: true`, default), or with `nuslerp_flatten: false` the slices x[i, :] along
+the last dim, or the slices x[:, j] along dim 0 with `nuslerp_row_wise: true` (mergekit's name):
 
     u_i   = v_i / max(|v_i|, 1e-7)          per vector
     theta = arccos(clamp(<u_0, u_1>, -1, 1))
@@ -47,7 +48,7 @@ class Nuslerp(MergeMethod):
     max_inputs = 2
     params = (
         Param("weight", float, "model", doc="t = w_1 / (w_0 + w_1)"),
-        Param("nuslerp_row_wise", bool, "global", False, doc="interpolate rows instead of columns"),
+        Param("nuslerp_row_wise", bool, "global", False, doc="with nuslerp_flatten false: interpolate the x[:, j] (dim 0) instead of the x[i, :]"),
         Param("nuslerp_flatten", bool, "global", True, doc="interpolate the whole tensor as one vector"),
     )
 
