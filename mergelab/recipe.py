@@ -8,7 +8,8 @@
     parameters: {normalize: true}
     dtype: bfloat16
 
-A parameter value is a scalar, a list of numbers (a gradient, interpolated over the layers),
+A parameter value is a scalar, a list of numbers (a gradient, interpolated over the layers;
+a list of booleans or strings steps through its values instead),
 or a list of `{filter, value}` entries (the first whose filter is a substring of the tensor
 name wins; no filter matches everything). Model paths are resolved relative to the recipe file.
 """
@@ -34,7 +35,8 @@ class Conditional(BaseModel):
     value: "Setting"
 
 
-Setting = Union[bool, int, float, str, list[float], list[Conditional]]
+# list[float] before list[bool]: [1, 0] stays numeric; [true, false] stays boolean (an exact match wins)
+Setting = Union[bool, int, float, str, list[float], list[bool], list[str], list[Conditional]]
 Conditional.model_rebuild()
 
 
@@ -213,6 +215,8 @@ def evaluate(setting: Setting | None, tensor_name: str, t: float) -> Any:
     if not setting:
         return None
     if all(not isinstance(e, Conditional) for e in setting):
+        if any(isinstance(e, (bool, str)) for e in setting):
+            return setting[int(t * (len(setting) - 1))]  # booleans and strings step, as in mergekit
         # a gradient: piecewise-linear interpolation between evenly spaced points
         scaled = t * (len(setting) - 1)
         i0 = int(scaled)

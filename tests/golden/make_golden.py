@@ -145,6 +145,14 @@ CASES: dict[str, dict] = {
                    {"model": m("c"), "parameters": {"weight": 0.5, "density": 0.6}}],
         "parameters": {"normalize": False, "lambda": 1.5, "int8_mask": True},
     },
+    # a list of booleans is a step function over the layers, not an interpolation
+    "ties_bool_gradient": {
+        "merge_method": "ties",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 1.0, "density": 0.5}},
+                   {"model": m("b"), "parameters": {"weight": 0.5, "density": 0.5}}],
+        "parameters": {"normalize": [False, True]},
+    },
     "breadcrumbs": {
         "merge_method": "breadcrumbs",
         "base_model": m("base"),
