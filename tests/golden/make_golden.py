@@ -104,6 +104,17 @@ CASES: dict[str, dict] = {
                              {"filter": "mlp", "value": [0, 1]},
                              {"value": 0.7}]},
     },
+    # slices: the gradient restarts in every slice; slice parameters override the top level
+    "slerp_slices": {
+        "merge_method": "slerp",
+        "base_model": m("base"),
+        "slices": [
+            {"sources": [{"model": m("base"), "layer_range": [0, 2]}, {"model": m("a"), "layer_range": [0, 2]}],
+             "parameters": {"t": [0.1, 0.9]}},
+            {"sources": [{"model": m("base"), "layer_range": [2, 4]}, {"model": m("a"), "layer_range": [2, 4]}]},
+        ],
+        "parameters": {"t": [{"filter": "lm_head", "value": 0.8}, {"value": [0.6, 0.2]}]},
+    },
     "nuslerp_nobase": {
         "merge_method": "nuslerp",
         "models": [{"model": m("a"), "parameters": {"weight": 1.0}},
@@ -137,6 +148,15 @@ CASES: dict[str, dict] = {
                    {"model": m("b"), "parameters": {"weight": 0.6, "density": 0.5}},
                    {"model": m("c"), "parameters": {"weight": 0.4, "density": 0.7}}],
         "parameters": {"normalize": True},
+    },
+    # the base listed among the models (common in the wild) takes no weight and is not an input
+    "ties_base_listed": {
+        "merge_method": "ties",
+        "base_model": m("base"),
+        "models": [{"model": m("base")},
+                   {"model": m("a"), "parameters": {"weight": 0.5}},
+                   {"model": m("c"), "parameters": {"weight": 0.5}}],
+        "parameters": {"density": 0.4},
     },
     "ties_sum_lambda": {
         "merge_method": "ties",
