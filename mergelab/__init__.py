@@ -14,13 +14,13 @@ __version__ = "0.1.0"
 __all__ = ["MergelabError", "merge", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mergelab.merge import merge
+    from mergelab.merging import merge
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import mergelab` stays cheap (no torch import) until the API is used.
     if name == "merge":
-        from mergelab.merge import merge
+        from mergelab.merging import merge
 
         return merge
     raise AttributeError(name)

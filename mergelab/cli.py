@@ -30,7 +30,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from mergelab.merge import merge
+    from mergelab.merging import merge
 
     merge(
         args.recipe,

@@ -21,6 +21,7 @@ import torch
 
 _SAMPLE = 1 << 16
 _SMALL = 1 << 17
+_CHUNK = 1 << 20
 
 
 def value_at_rank(v: torch.Tensor, r: int) -> tuple[torch.Tensor, int, int]:
@@ -38,15 +39,16 @@ def value_at_rank(v: torch.Tensor, r: int) -> tuple[torch.Tensor, int, int]:
     i_lo, i_hi = int(pos - slack), int(pos + slack)
     lo = sample[i_lo] if i_lo >= 0 else None
     hi = sample[i_hi] if i_hi < m else None
-    # 2) count below the bracket, gather inside it
-    inside_mask = torch.ones_like(v, dtype=torch.bool)
-    below = 0
-    if lo is not None:
-        below = int(torch.lt(v, lo).sum())
-        inside_mask &= v >= lo
-    if hi is not None:
-        inside_mask &= v <= hi
-    inside = v[inside_mask]
+    # 2) count below the bracket, gather inside it (cache-sized chunks)
+    below, parts = 0, []
+    for start in range(0, n, _CHUNK):
+        chunk = v[start : start + _CHUNK]
+        inside_mask = chunk >= lo if lo is not None else torch.ones_like(chunk, dtype=torch.bool)
+        below += chunk.numel() - int(torch.count_nonzero(inside_mask))
+        if hi is not None:
+            inside_mask &= chunk <= hi
+        parts.append(chunk[inside_mask])
+    inside = torch.cat(parts)
     if not below <= r < below + inside.numel():  # the sample lied: exact fallback
         val = v.kthvalue(r + 1).values
         return val, int((v < val).sum()), int((v == val).sum())
@@ -67,9 +69,16 @@ def rank_at_least(v: torch.Tensor, r: int) -> torch.Tensor:
     wanted_equal = n_less + n_equal - r  # how many of the tied elements rank >= r
     if wanted_equal == n_equal:
         return v >= val
-    mask = flat > val
-    tied = torch.nonzero(flat == val).squeeze(1)
-    mask[tied[n_equal - wanted_equal :]] = True  # later positions rank higher
+    mask = flat >= val
+    # the first (n_equal - wanted_equal) tied positions rank below r: drop them, scanning only
+    # as far as needed
+    to_drop = n_equal - wanted_equal
+    for start in range(0, n, _CHUNK):
+        tied = torch.nonzero(flat[start : start + _CHUNK] == val).squeeze(1)[:to_drop]
+        mask[start + tied] = False
+        to_drop -= tied.numel()
+        if to_drop == 0:
+            break
     return mask.reshape(v.shape)
 
 

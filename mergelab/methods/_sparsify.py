@@ -1,6 +1,7 @@
 """Sparsifiers for task vectors: which entries of delta = model - base survive, and how the
-survivors are rescaled. Each returns a `Sparse` (a keep-mask and a scale) rather than a new
-tensor, so the merge can apply it chunk by chunk without another full-size copy.
+survivors are rescaled. Each takes the magnitudes |delta| (all any of them needs) and returns
+a `Sparse` (a keep-mask and a scale) rather than a new tensor, so the merge can apply it chunk
+by chunk without another full-size copy.
 
 | name               | keeps                                             | source |
 |--------------------|---------------------------------------------------|--------|
@@ -33,68 +34,68 @@ class Sparse:
     scale: float | torch.Tensor = 1.0
 
 
-def magnitude(delta: torch.Tensor, density: float) -> Sparse:
+def magnitude(mag: torch.Tensor, density: float) -> Sparse:
     """Keep the k = max(1, int(density * n)) entries of largest magnitude."""
     if density >= 1:
         return Sparse()
-    if density <= 0 or delta.numel() == 0:
-        return Sparse(keep=torch.zeros_like(delta, dtype=torch.bool))
-    k = max(1, int(density * delta.numel()))
-    return Sparse(keep=top_k_mask(delta.abs(), k))
+    if density <= 0 or mag.numel() == 0:
+        return Sparse(keep=torch.zeros_like(mag, dtype=torch.bool))
+    k = max(1, int(density * mag.numel()))
+    return Sparse(keep=top_k_mask(mag, k))
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> Sparse:
+def magnitude_outliers(mag: torch.Tensor, density: float, gamma: float) -> Sparse:
     """Drop the int(gamma * n) largest magnitudes and enough of the smallest to keep int(density * n)."""
     if density >= 1:
         return Sparse()
-    n = delta.numel()
+    n = mag.numel()
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)  # fewer outliers dropped when density demands it
-    return Sparse(keep=rank_window_mask(delta.abs(), n_bottom, n_bottom + target))
+    return Sparse(keep=rank_window_mask(mag, n_bottom, n_bottom + target))
 
 
-def random(delta: torch.Tensor, density: float, generator: torch.Generator) -> Sparse:
+def random(mag: torch.Tensor, density: float, generator: torch.Generator) -> Sparse:
     """Keep each entry independently with probability `density` (a seeded Bernoulli mask)."""
     if density >= 1:
         return Sparse()
-    draws = torch.rand(delta.shape, generator=generator, device=delta.device)
+    draws = torch.rand(mag.shape, generator=generator, device=mag.device)
     return Sparse(keep=draws < density, scale=1.0 / density if density > 0 else 0.0)
 
 
-def della_magprune(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> Sparse:
+def della_magprune(mag: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> Sparse:
     """Keep entries with a probability that grows linearly with their magnitude rank in the row."""
     if density >= 1:
         return Sparse()
     if density <= 0:
-        return Sparse(keep=torch.zeros_like(delta, dtype=torch.bool))
+        return Sparse(keep=torch.zeros_like(mag, dtype=torch.bool))
     if density - epsilon <= 0 or density + epsilon >= 1:
         raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1 (density {density}, epsilon {epsilon})")
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)  # (rows, cols)
+    rows = mag.reshape(1, -1) if mag.dim() < 2 else mag.reshape(mag.shape[0], -1)  # (rows, cols)
     cols = rows.shape[1]
-    order = rows.abs().argsort(dim=1, stable=True)  # (rows, cols)
+    order = rows.argsort(dim=1, stable=True)  # (rows, cols)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(cols, device=rows.device).expand_as(order))
     rank_norm = ranks.to(torch.float32) / (cols - 1) if cols > 1 else torch.full_like(rows, 0.5)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)  # (rows, cols)
-    draws = torch.rand(probs.shape, generator=generator, device=delta.device)
-    keep = (draws < probs).reshape(delta.shape)
-    return Sparse(keep=keep, scale=(1.0 / probs).reshape(delta.shape))
+    draws = torch.rand(probs.shape, generator=generator, device=mag.device)
+    keep = (draws < probs).reshape(mag.shape)
+    return Sparse(keep=keep, scale=(1.0 / probs).reshape(mag.shape))
 
 
-def rescale(delta: torch.Tensor, sparse: Sparse, mode: str | None, eps: float = 1e-7) -> Sparse:
-    """Choose the survivors' scale: by keep probability, or to preserve a norm of `delta`."""
+def rescale(mag: torch.Tensor, sparse: Sparse, mode: str | None, eps: float = 1e-7) -> Sparse:
+    """Choose the survivors' scale: by keep probability, or to preserve a norm of delta (from |delta|)."""
     if sparse.keep is None or mode == "probability":
         return sparse
     if mode is None:
         return Sparse(sparse.keep, 1.0)
-    kept = delta * sparse.keep
+    kept = mag * sparse.keep
     if mode == "l1":
-        before, after = delta.abs().sum(), kept.abs().sum()
+        before, after = mag.sum(), kept.sum()
     elif mode == "l2":
-        before, after = delta.norm(), kept.norm()
+        before, after = mag.norm(), kept.norm()
     elif mode == "linf":
-        before, after = delta.abs().max(), kept.abs().max()
+        before, after = mag.max(), kept.max()
     else:
         raise ValueError(f"unknown rescale mode {mode!r}; choose one of {', '.join(RESCALE_MODES)}")
     if before < eps or after < eps:

@@ -29,9 +29,10 @@ from typing import ClassVar
 import torch
 
 from mergelab.methods import _sparsify
+from mergelab.methods._common import CHUNK
 from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
-CHUNK = 1 << 18  # elements per step of the elementwise pass (~1 MB of float32)
+CHUNK = 1 << 20  # elements per step of the elementwise pass (~1 MB of float32)
 
 WEIGHT = Param("weight", float, "model", doc="scale of this model's task vector")
 DENSITY = Param("density", float, "model", 1.0, 0.0, 1.0, doc="fraction of the task vector kept")
@@ -74,71 +75,82 @@ class TaskArithmeticFamily(MergeMethod):
         base = inputs.base
         assert base is not None
         work = torch.float64 if base.dtype == torch.float64 else torch.float32
-        b = base.reshape(-1).to(work)
+        b = base.reshape(-1)  # (n,), as stored
         if not inputs.tensors:
-            return b.reshape(base.shape)
-        sparse = [self._sparsify(inputs, i, b, work) for i in range(len(inputs.tensors))]
+            return b.to(work).reshape(base.shape)
+        xs = [x.reshape(-1) for x in inputs.tensors]
+        buffer = torch.empty(b.numel(), dtype=work, device=b.device) if self._needs_delta(inputs) else None
+        sparse = [self._sparsify(inputs, i, xs[i], b, buffer) for i in range(len(xs))]
+        del buffer
         weights = [float(p["weight"]) for p in inputs.params]
-        out = torch.empty_like(b)
+        out = torch.empty(b.numel(), dtype=inputs.out_dtype or work, device=b.device)
         for start in range(0, b.numel(), CHUNK):
             stop = min(start + CHUNK, b.numel())
-            out[start:stop] = self._combine(inputs, sparse, weights, b, start, stop, work)
+            out[start:stop] = self._combine(inputs.options, xs, sparse, weights, b[start:stop].to(work), start, stop)
         return out.reshape(base.shape)
 
-    # 2) sparsify one task vector (full size, once)
-    def _sparsify(self, inputs: MergeInputs, i: int, b: torch.Tensor, work: torch.dtype) -> _sparsify.Sparse:
-        if self.sparsify is None:
-            return _sparsify.Sparse()
+    def _needs_delta(self, inputs: MergeInputs) -> bool:
+        return self.sparsify is not None and any(float(p.get("density", 1.0)) < 1 for p in inputs.params)
+
+    # 1)-2) task vector magnitudes (full size, into a reused buffer), then sparsify
+    def _sparsify(self, inputs: MergeInputs, i: int, x: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor | None) -> _sparsify.Sparse:
         p = inputs.params[i]
         density = float(p.get("density", 1.0))
-        if density >= 1:
+        if self.sparsify is None or density >= 1:
             return _sparsify.Sparse()
-        delta = inputs.tensors[i].reshape(-1).to(work) - b  # (n,)
+        assert buffer is not None
+        for start in range(0, b.numel(), CHUNK):  # |x - b| in float32, a cache-sized chunk at a time
+            chunk = buffer[start : start + CHUNK]
+            chunk.copy_(x[start : start + CHUNK]).sub_(b[start : start + CHUNK]).abs_()
+        magnitude = buffer  # (n,) = |delta|; all the sparsifiers and norms need only magnitudes
         if self.sparsify == "magnitude":
-            sparse = _sparsify.magnitude(delta, density)
+            sparse = _sparsify.magnitude(magnitude, density)
         elif self.sparsify == "magnitude_outliers":
-            sparse = _sparsify.magnitude_outliers(delta, density, float(p["gamma"]))
+            sparse = _sparsify.magnitude_outliers(magnitude, density, float(p["gamma"]))
         elif self.sparsify == "random":
-            sparse = _sparsify.random(delta, density, inputs.generator(i))
+            sparse = _sparsify.random(magnitude, density, inputs.generator(i))
         elif self.sparsify == "della_magprune":
             # DELLA ranks within rows, so it sees the tensor's own shape
-            shaped = delta.reshape(inputs.tensors[i].shape)
-            sparse = _sparsify.della_magprune(shaped, density, float(p["epsilon"]), inputs.generator(i))
-            sparse = _sparsify.Sparse(sparse.keep.reshape(-1), sparse.scale if isinstance(sparse.scale, float) else sparse.scale.reshape(-1))
+            rows = magnitude.reshape(inputs.tensors[i].shape)
+            sparse = _sparsify.della_magprune(rows, density, float(p["epsilon"]), inputs.generator(i))
+            scale = sparse.scale.reshape(-1) if isinstance(sparse.scale, torch.Tensor) else sparse.scale
+            sparse = _sparsify.Sparse(sparse.keep.reshape(-1) if sparse.keep is not None else None, scale)
         else:  # pragma: no cover - presets are fixed in code
             raise AssertionError(self.sparsify)
         mode = inputs.options["rescale_mode"] if inputs.options.get("rescale") else None
-        return _sparsify.rescale(delta, sparse, mode)
+        return _sparsify.rescale(magnitude, sparse, mode)
 
-    # 3)-7) one chunk of the elementwise pass
-    def _combine(self, inputs: MergeInputs, sparse: list[_sparsify.Sparse], weights: list[float],
-                 b: torch.Tensor, start: int, stop: int, work: torch.dtype) -> torch.Tensor:
-        opts = inputs.options
-        base = b[start:stop]
-        deltas = []  # trimmed task vectors d_i, chunk
-        for x, s in zip(inputs.tensors, sparse):
-            d = x.reshape(-1)[start:stop].to(work) - base
+    # 3)-7) one chunk of the elementwise pass; `base` is the chunk of b in the work dtype
+    def _combine(self, opts: dict, xs: list[torch.Tensor], sparse: list[_sparsify.Sparse], weights: list[float],
+                 base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        deltas = []  # trimmed task vectors d_i
+        for x, s in zip(xs, sparse):
+            d = torch.sub(x[start:stop], base)  # new tensor, promoted to the work dtype
             if s.keep is not None:
-                d *= s.keep[start:stop]
-            scale = s.scale
-            if isinstance(scale, torch.Tensor):
-                d *= scale[start:stop]
-            elif scale != 1.0:
-                d *= scale
+                d.mul_(s.keep[start:stop])
+            if isinstance(s.scale, torch.Tensor):
+                d.mul_(s.scale[start:stop])
+            elif s.scale != 1.0:
+                d.mul_(s.scale)
             deltas.append(d)
         weighted = [d * w for d, w in zip(deltas, weights)]
         if self.consensus:
-            elect = torch.stack(weighted if opts.get("sign_from", "weighted") == "weighted" else deltas).sum(0)
-            positive = elect >= 0
+            votes = weighted if opts.get("sign_from", "weighted") == "weighted" else deltas
+            elect = votes[0].clone()
+            for v in votes[1:]:
+                elect += v
+            sign = torch.where(elect >= 0, 1.0, -1.0).to(base.dtype)  # majority sign, 0 counts as +
             mixed = torch.zeros_like(base)
             divisor = torch.zeros_like(base)
             for e, w in zip(weighted, weights):
-                agree = torch.where(positive, e > 0, e < 0)
+                agree = (e * sign) > 0  # a zero entry never agrees
                 mixed += e * agree
                 divisor += agree * w
             divisor[divisor == 0] = 1
         else:
-            mixed = torch.stack(weighted).sum(0)
+            mixed = weighted[0].clone()
+            for e in weighted[1:]:
+                mixed += e
             total = sum(weights)
             divisor = total if abs(total) >= 1e-8 else 1.0
         if opts["normalize"]:

@@ -81,6 +81,7 @@ class MergeInputs:
     params: list[dict[str, Any]]
     options: dict[str, Any]
     seed: int = 0
+    out_dtype: torch.dtype | None = None  # methods that build the output chunk by chunk may write it in this dtype
     generator_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def generator(self, index: int) -> torch.Generator:

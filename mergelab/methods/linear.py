@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.methods._common import work_dtype
+from mergelab.methods._common import CHUNK, work_dtype
 from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
 
@@ -23,10 +23,17 @@ class Linear(MergeMethod):
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         first = inputs.tensors[0]
+        work = work_dtype(first)
         weights = [float(p["weight"]) for p in inputs.params]
-        out = torch.zeros(first.shape, dtype=work_dtype(first), device=first.device)
-        for x, w in zip(inputs.tensors, weights):
-            out.add_(x, alpha=w)  # accumulates in float32 without a converted copy of x
-        if inputs.options["normalize"]:
-            out /= sum(weights)
-        return out
+        total = sum(weights) if inputs.options["normalize"] else 1.0
+        xs = [x.reshape(-1) for x in inputs.tensors]
+        out = torch.empty(first.numel(), dtype=inputs.out_dtype or work, device=first.device)
+        for start in range(0, first.numel(), CHUNK):  # cache-sized chunks, accumulated in float32
+            stop = start + CHUNK
+            acc = torch.zeros(xs[0][start:stop].shape, dtype=work, device=first.device)
+            for x, w in zip(xs, weights):
+                acc.add_(x[start:stop], alpha=w)
+            if total != 1.0:
+                acc /= total
+            out[start:stop] = acc
+        return out.reshape(first.shape)

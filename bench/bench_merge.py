@@ -1,0 +1,179 @@
+"""Merge speed and memory: mergelab vs mergekit on ~1.1B-parameter Llama-shaped checkpoints.
+
+    python bench/bench_merge.py --workdir /tmp/mlbench [--mergekit /path/to/venv/bin/mergekit-yaml] [--repeats 3]
+
+Writes three random-weight bfloat16 checkpoints (22 layers, hidden 2048, intermediate 5632,
+vocab 32000: a shared base and two perturbed copies, ~2.2 GB each), then times, each in a
+fresh process and `--repeats` times:
+
+- `io`        : reading every input tensor and writing an output of the same size (the floor);
+- `linear`    : a 3-model linear merge;
+- `ties`      : a 2-model TIES merge on the base (densities 0.5/0.7, weights 0.6/0.4, normalize);
+
+with mergelab, and with mergekit when `--mergekit` points at its `mergekit-yaml` (install it
+in a separate environment: `pip install mergekit`; it is not a dependency). Reports median
+wall time and median peak RSS per case, and the ratios, as a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LAYER = {  # suffix -> shape, for hidden 2048, intermediate 5632, 32 heads, 4 kv heads
+    "input_layernorm.weight": (2048,),
+    "post_attention_layernorm.weight": (2048,),
+    "self_attn.q_proj.weight": (2048, 2048),
+    "self_attn.k_proj.weight": (256, 2048),
+    "self_attn.v_proj.weight": (256, 2048),
+    "self_attn.o_proj.weight": (2048, 2048),
+    "mlp.gate_proj.weight": (5632, 2048),
+    "mlp.up_proj.weight": (5632, 2048),
+    "mlp.down_proj.weight": (2048, 5632),
+}
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632,
+    "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+    "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "hidden_act": "silu", "rope_theta": 10000.0,
+}
+
+
+def layout() -> list[tuple[str, tuple[int, ...]]]:
+    names = [("model.embed_tokens.weight", (32000, 2048))]
+    for i in range(22):
+        names += [(f"model.layers.{i}.{s}", shape) for s, shape in LAYER.items()]
+    return names + [("model.norm.weight", (2048,)), ("lm_head.weight", (32000, 2048))]
+
+
+def write_models(root: Path) -> list[Path]:
+    """base, ft1, ft2 (ft = base + small noise), streamed tensor by tensor with mergelab's writer."""
+    from mergelab.writer import ShardedWriter
+
+    dirs = [root / n for n in ("base", "ft1", "ft2")]
+    if all((d / "config.json").is_file() for d in dirs):
+        return dirs
+    entries = [(n, s, torch.bfloat16) for n, s in layout()]
+    writers = []
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        writers.append(ShardedWriter(d, entries, 2 * 10**9))
+    g = torch.Generator().manual_seed(0)
+    for name, shape in layout():
+        base = torch.randn(shape, generator=g) * 0.02
+        writers[0].write(name, base.to(torch.bfloat16))
+        for w in writers[1:]:
+            w.write(name, (base + torch.randn(shape, generator=g) * 0.004).to(torch.bfloat16))
+    for w, d in zip(writers, dirs):
+        w.close()
+        (d / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    return dirs
+
+
+def recipes(root: Path, dirs: list[Path]) -> dict[str, Path]:
+    base, ft1, ft2 = (str(d) for d in dirs)
+    texts = {
+        "linear": f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.4}}\n"
+                  f"  - model: {ft1}\n    parameters: {{weight: 0.3}}\n  - model: {ft2}\n    parameters: {{weight: 0.3}}\n"
+                  "dtype: bfloat16\n",
+        "ties": f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6, density: 0.5}}\n"
+                f"  - model: {ft2}\n    parameters: {{weight: 0.4, density: 0.7}}\nparameters: {{normalize: true}}\ndtype: bfloat16\n",
+    }
+    out = {}
+    for name, text in texts.items():
+        (root / f"{name}.yaml").write_text(text)
+        out[name] = root / f"{name}.yaml"
+    return out
+
+
+IO_FLOOR = """
+import sys, torch
+from pathlib import Path
+from mergelab.checkpoint import Checkpoint
+from mergelab.writer import ShardedWriter
+ckpts = [Checkpoint(p) for p in sys.argv[2:]]
+first = ckpts[0]
+out = Path(sys.argv[1]); out.mkdir(exist_ok=True)
+w = ShardedWriter(out, [(n, i.shape, i.dtype) for n, i in first.tensors.items()], 5 * 10**9)
+for name in first.tensors:
+    ts = [c.read(name) for c in ckpts]
+    w.write(name, ts[0])
+w.close()
+"""
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of `cmd`, measured from a fresh wrapper process."""
+    wrapper = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE); "
+        "dt = time.perf_counter() - t; "
+        "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+        "sys.exit(r.returncode and (sys.stderr.write(r.stderr.decode()[-2000:]) or 1))"
+    )
+    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stderr}")
+    seconds, kb = res.stdout.split()
+    return float(seconds), int(kb) / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mergelab-bench"))
+    ap.add_argument("--mergekit", help="path to mergekit-yaml in its own environment")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", default="io,linear,ties")
+    args = ap.parse_args()
+    root = Path(args.workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    dirs = write_models(root)
+    print(f"inputs ready in {time.perf_counter() - t:.0f} s: {', '.join(map(str, dirs))}", file=sys.stderr)
+    paths = recipes(root, dirs)
+    out = root / "out"
+    env_mk = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    os.environ.update(env_mk)
+    cmds: dict[str, list[str]] = {}
+    cases = args.cases.split(",")
+    if "io" in cases:
+        cmds["io floor (read 3 models, write 1)"] = [sys.executable, "-c", IO_FLOOR, str(out), *map(str, dirs)]
+    for case in ("linear", "ties"):
+        if case in cases:
+            cmds[f"{case} mergelab"] = [sys.executable, "-m", "mergelab.cli", "--quiet", "merge", str(paths[case]), str(out), "--overwrite"]
+            if args.mergekit:
+                cmds[f"{case} mergekit"] = [args.mergekit, str(paths[case]), str(out), "--allow-crimes", "--lazy-unpickle"]
+    results: dict[str, tuple[float, float]] = {}
+    for label, cmd in cmds.items():
+        runs = []
+        for _ in range(args.repeats):
+            subprocess.run(["rm", "-rf", str(out)])
+            runs.append(run_measured(cmd))
+            print(f"{label}: {runs[-1][0]:.1f} s, {runs[-1][1]:.2f} GB", file=sys.stderr)
+        results[label] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+    print("| case | median wall (s) | median peak RSS (GB) |\n|---|---:|---:|")
+    for label, (s, gb) in results.items():
+        print(f"| {label} | {s:.1f} | {gb:.2f} |")
+    floor = results.get("io floor (read 3 models, write 1)")
+    for case in ("linear", "ties"):
+        ours = results.get(f"{case} mergelab")
+        theirs = results.get(f"{case} mergekit")
+        if ours and floor:
+            print(f"\n{case}: mergelab / io floor = {ours[0] / floor[0]:.2f}x time", end="")
+        if ours and theirs:
+            print(f"; mergelab / mergekit = {ours[0] / theirs[0]:.2f}x time, {ours[1] / theirs[1]:.2f}x peak RSS", end="")
+    print()
+
+
+if __name__ == "__main__":
+    main()
