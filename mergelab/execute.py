@@ -1,7 +1,7 @@
 """The streaming loop: for each planned tensor, read its sources -> merge -> sink.
 
-Only the sources of the tensor in hand (and of the next one, read ahead on a background
-thread while this one is merged) are in memory; peak memory is a few tensors, never a shard.
+Only the sources of the few tensors in flight are in memory (one job per worker thread, plus
+one read ahead); peak memory is a few tensors, never a shard.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 from tqdm import tqdm
@@ -75,40 +77,61 @@ def _prepare(t: torch.Tensor, device: torch.device, load_dtype: torch.dtype | No
 
 
 @contextmanager
-def compute_threads(device: torch.device):
-    """On CPU, leave one core to the reader thread: torch's thread pool spinning against it (or
-    against any other load) made element-wise merges over 10x slower on a 2-core machine."""
+def single_threaded_ops(device: torch.device):
+    """On CPU we parallelise over tensors (one job per worker thread), so each op runs on one
+    thread: torch's own pool spinning against our workers, or any other load, made element-wise
+    merges over 10x slower on a 2-core machine."""
     if device.type != "cpu":
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(8, (os.cpu_count() or 2) - 1)))
+    torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def execute(plan: Plan, sink: Sink, *, device: str | torch.device = "cpu", seed: int = 0, progress: bool = True) -> ExecStats:
-    """Merge every job of `plan` into `sink`, reading one job ahead."""
+def default_workers(device: torch.device) -> int:
+    """Jobs in flight at once: one per core (at most 4) on CPU; on GPU one, with one read ahead."""
+    return max(1, min(4, os.cpu_count() or 1)) if device.type == "cpu" else 1
+
+
+def execute(plan: Plan, sink: Sink, *, device: str | torch.device = "cpu", seed: int = 0, progress: bool = True,
+            workers: int | None = None) -> ExecStats:
+    """Merge every job of `plan` into `sink`, in plan order.
+
+    Worker threads each read and merge one job (file reads and torch ops release the GIL);
+    results are written in order, with at most `workers + 1` jobs in memory.
+    """
     dev = resolve_device(device)
+    n_workers = workers or default_workers(dev)
     start = time.perf_counter()
     read = written = 0
     bar = tqdm(total=len(plan.jobs), unit="tensor", disable=not progress, dynamic_ncols=True, desc="merging")
-    with compute_threads(dev), ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as pool:
-        ahead: Future | None = pool.submit(read_sources, plan, plan.jobs[0]) if plan.jobs else None
-        for i, job in enumerate(plan.jobs):
-            assert ahead is not None
-            tensors = ahead.result()
-            ahead = pool.submit(read_sources, plan, plan.jobs[i + 1]) if i + 1 < len(plan.jobs) else None
-            out = merge_job(plan, job, tensors, dev, seed)
-            sink.write(job.name, out)
-            read += sum(t.numel() * t.element_size() for t in tensors.values())
-            written += job.nbytes
-            del tensors, out
-            elapsed = time.perf_counter() - start
-            bar.set_postfix_str(f"{read / 1e9 / max(elapsed, 1e-9):.2f} GB/s read", refresh=False)
-            bar.update(1)
+
+    def run(job: TensorJob) -> tuple[torch.Tensor, int]:
+        tensors = read_sources(plan, job)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return merge_job(plan, job, tensors, dev, seed), nbytes
+
+    jobs = iter(plan.jobs)
+    with single_threaded_ops(dev), ThreadPoolExecutor(n_workers, thread_name_prefix="mergelab") as pool:
+        pending: deque[tuple[TensorJob, Future]] = deque((job, pool.submit(run, job)) for job in islice(jobs, n_workers + 1))
+        try:
+            while pending:
+                job, future = pending.popleft()
+                out, nbytes = future.result()
+                sink.write(job.name, out)
+                del out
+                read += nbytes
+                written += job.nbytes
+                pending.extend((j, pool.submit(run, j)) for j in islice(jobs, 1))
+                bar.set_postfix_str(f"{read / 1e9 / max(time.perf_counter() - start, 1e-9):.2f} GB/s read", refresh=False)
+                bar.update(1)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     bar.close()
     stats = ExecStats(len(plan.jobs), read, written, time.perf_counter() - start)
     log.info("merged %d tensors: read %.2f GB, wrote %.2f GB in %.1f s", stats.tensors, read / 1e9, written / 1e9, stats.seconds)

@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from mergelab.merge import merge
+from mergelab.merging import merge
 from mergelab.methods import method_names
 from tests.helpers import load_state, make_llama
 
