@@ -48,6 +48,14 @@ PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a dense tensor of this shape and dtype."""
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives and what it is; everything needed to read it later."""
@@ -58,13 +66,6 @@ class TensorInfo:
     file: Path
     offset: int  # absolute byte offset of the data in `file`
     nbytes: int
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -101,10 +102,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_siz
         begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: corrupt header entry for tensor '{name}'") from None
-    numel = 1
-    for d in shape:
-        numel *= d
-    expected = numel * torch.empty((), dtype=dtype).element_size()
+    expected = tensor_nbytes(shape, dtype)
     if end - begin != expected or begin < 0:
         raise CheckpointError(f"{path}: tensor '{name}' has {end - begin} bytes, expected {expected} for shape {list(shape)}")
     if data_start + end > file_size:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mergelab.architecture import Stack, find_stack, is_pre_weight, layer_count_key
-from mergelab.checkpoint import Checkpoint
+from mergelab.checkpoint import Checkpoint, tensor_nbytes
 from mergelab.errors import CheckpointError, PlanError, RecipeError
 from mergelab.methods import MergeMethod, get_method
 from mergelab.methods.base import Param
@@ -57,10 +57,7 @@ class TensorJob:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 @dataclass
@@ -74,14 +71,6 @@ class Plan:
     tokenizer_dir: Path  # ... except the tokenizer, when `tokenizer_source` names a model
     load_dtype: torch.dtype | None = None  # inputs are rounded to the recipe's `dtype` first
     model_keys: dict[Path, str] = field(default_factory=dict)  # model path -> its recipe key
-
-    @property
-    def input_bytes(self) -> int:
-        return sum(self.checkpoints[s.model].info(s.name).nbytes for j in self.jobs for s in set(j.sources))
-
-    @property
-    def output_bytes(self) -> int:
-        return sum(j.nbytes for j in self.jobs)
 
     def close(self) -> None:
         for ckpt in self.checkpoints:

@@ -20,7 +20,7 @@ from typing import BinaryIO, Protocol
 
 import torch
 
-from mergelab.checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
+from mergelab.checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, tensor_nbytes
 from mergelab.errors import OutputError, RecipeError
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ class ShardedWriter:
         self.shards: list[list[_Entry]] = [[]]
         size = 0
         for name, shape, dtype in layout:
-            n = torch.empty((), dtype=dtype).element_size()
-            for d in shape:
-                n *= d
+            n = tensor_nbytes(tuple(shape), dtype)
             if self.shards[-1] and size + n > shard_size:
                 self.shards.append([])
                 size = 0
