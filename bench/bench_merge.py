@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mergelab-bench"))
     ap.add_argument("--mergekit", help="path to mergekit-yaml in its own environment")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mergekit-repeats", type=int, default=1, help="mergekit's TIES alone takes ~5 min here")
     ap.add_argument("--cases", default="io,linear,ties")
     args = ap.parse_args()
     root = Path(args.workdir)
@@ -156,7 +157,7 @@ def main() -> None:
     results: dict[str, tuple[float, float]] = {}
     for label, cmd in cmds.items():
         runs = []
-        for _ in range(args.repeats):
+        for _ in range(args.mergekit_repeats if label.endswith("mergekit") else args.repeats):
             subprocess.run(["rm", "-rf", str(out)])
             runs.append(run_measured(cmd))
             print(f"{label}: {runs[-1][0]:.1f} s, {runs[-1][1]:.2f} GB", file=sys.stderr)
