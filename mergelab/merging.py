@@ -106,7 +106,7 @@ def model_card(plan: Plan, seed: int) -> str:
     if base:
         lines += ["base_model:", f"- {base}"]
     lines += ["---", "", f"# {recipe.name or Path(sources[0]).name + ' merge'}", "",
-              f"This model was merged with [mergelab](https://github.com/mergelab/mergelab) using the "
+              f"This model was merged with mergelab using the "
               f"**{recipe.merge_method}** method{' (seed ' + str(seed) + ')' if plan.method.randomised else ''}.", "",
               "## Sources", ""]
     lines += [f"- {s}{' (base)' if s == base else ''}" for s in sources]

@@ -336,3 +336,13 @@ def test_python_api_is_the_function() -> None:
     import mergelab.merging  # noqa: F401  (importing the module must not shadow the function)
 
     assert callable(mergelab.merge) and mergelab.merge.__name__ == "merge"
+
+
+def test_written_recipe_reproduces_the_merge(tmp_path: Path, family: dict[str, Path]) -> None:
+    recipe = {"merge_method": "ties", "base_model": str(family["base"]), "models": [
+        {"model": str(family["a"]), "parameters": {"weight": 0.7, "density": [0.3, 0.9]}},
+        {"model": str(family["b"]), "parameters": {"weight": [{"filter": "mlp", "value": 0.2}, {"value": 0.5}], "density": 0.6}}]}
+    first = merge(recipe, tmp_path / "first", progress=False)
+    again = merge(first / "mergekit_config.yml", tmp_path / "again", progress=False)
+    a, b = load_state(first), load_state(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
