@@ -45,7 +45,80 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_merge,)
+# ---------------------------------------------------------------- lora compose, extract-lora
+def _add_lora(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lora", help="LoRA adapter tools")
+    group = p.add_subparsers(dest="lora_command", required=True)
+    c = group.add_parser("compose", help="combine PEFT LoRA adapters with weights into one adapter folder OUT")
+    c.add_argument("out", help="output adapter folder")
+    c.add_argument("--adapter", action="append", required=True, metavar="PATH[:WEIGHT]",
+                   help="an adapter folder and its weight (default 1); repeat for each adapter")
+    c.add_argument("--method", default="svd", help="linear | cat | svd | ties | dare_linear | dare_ties (default svd)")
+    c.add_argument("--rank", type=int, default=None, help="rank after the SVD (svd, ties, dare_*); default the largest input rank")
+    c.add_argument("--density", type=float, default=1.0, help="fraction kept by ties / dare_* (default 1)")
+    c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the merge method on the updates, e.g. sign_from=trimmed, rescale_mode=probability")
+    c.add_argument("--seed", type=int, default=0, help="seed for dare_*")
+    c.add_argument("--device", default="cpu", help="torch device for the math (cpu, cuda, ...)")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    c.set_defaults(func=_run_lora_compose)
+
+
+def _run_lora_compose(args: argparse.Namespace) -> int:
+    from mergelab.lora.compose import compose
+
+    pairs = [_adapter_weight(a) for a in args.adapter]
+    out = compose([p for p, _ in pairs], [w for _, w in pairs], args.out, method=args.method, rank=args.rank,
+                  density=args.density, options=dict(_option(o) for o in args.option), seed=args.seed,
+                  device=args.device, overwrite=args.overwrite)
+    log.info("wrote %s", out)
+    return 0
+
+
+def _adapter_weight(text: str) -> tuple[str, float]:
+    """`path:0.5` -> (path, 0.5); a path alone has weight 1."""
+    path, _, weight = text.rpartition(":")
+    try:
+        return (path, float(weight)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
+def _option(text: str) -> tuple[str, object]:
+    """`key=value`, the value read as YAML (numbers, true/false, strings)."""
+    import yaml
+
+    from mergelab.errors import RecipeError
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--option {text!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
+
+
+def _add_extract_lora(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract-lora", help="a PEFT LoRA adapter from the SVD of FINETUNED - BASE")
+    p.add_argument("base", help="base model folder")
+    p.add_argument("finetuned", help="fine-tuned model folder (same architecture)")
+    p.add_argument("out", help="output adapter folder")
+    p.add_argument("--rank", type=int, required=True, help="adapter rank")
+    p.add_argument("--device", default="cpu", help="torch device for the SVDs (cpu, cuda, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_run_extract_lora)
+
+
+def _run_extract_lora(args: argparse.Namespace) -> int:
+    from mergelab.lora.extract import extract
+
+    errors = extract(args.base, args.finetuned, args.out, rank=args.rank, device=args.device,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    worst = max(errors, key=lambda name: errors[name], default=None)
+    if worst is not None:
+        log.info("wrote %s: %d modules, worst relative error %.3e (%s)", args.out, len(errors), errors[worst], worst)
+    return 0
+
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_merge, _add_lora, _add_extract_lora)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -100,8 +100,8 @@ def write_metadata(plan: Plan, folder: Path, *, seed: int, chat_template: str | 
 
 def model_card(plan: Plan, seed: int) -> str:
     recipe = plan.recipe
-    sources = [str(c.path) for c in plan.checkpoints]
-    base = str(recipe.resolve(recipe.base_model)) if recipe.base_model else None
+    sources = [str(ref) for ref in plan.model_keys]  # a model with an adapter shows as base+adapter
+    base = str(recipe.ref(recipe.base_model)) if recipe.base_model else None
     lines = ["---", "library_name: transformers", "tags:", "- mergelab", "- merge"]
     if base:
         lines += ["base_model:", f"- {base}"]

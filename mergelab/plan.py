@@ -23,7 +23,7 @@ from mergelab.checkpoint import Checkpoint, tensor_nbytes
 from mergelab.errors import CheckpointError, PlanError, RecipeError
 from mergelab.methods import MergeMethod, get_method
 from mergelab.methods.base import Param
-from mergelab.recipe import Recipe, Setting, evaluate, scalars
+from mergelab.recipe import ModelRef, Recipe, Setting, evaluate, scalars
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Plan:
     template: Checkpoint  # config, tokenizer and generation config come from here ...
     tokenizer_dir: Path  # ... except the tokenizer, when `tokenizer_source` names a model
     load_dtype: torch.dtype | None = None  # inputs are rounded to the recipe's `dtype` first
-    model_keys: dict[Path, str] = field(default_factory=dict)  # model path -> its recipe key
+    model_keys: dict[ModelRef, str] = field(default_factory=dict)  # model (+ adapter) -> its recipe key
 
     def close(self) -> None:
         for ckpt in self.checkpoints:
@@ -80,7 +80,7 @@ class Plan:
 # One slice source after normalisation: a model, its layer range, its own parameters.
 @dataclass(frozen=True)
 class _Src:
-    path: Path
+    path: ModelRef
     key: str  # recipe key path, for errors
     layers: tuple[int, int] | None
     params: dict[str, Setting]
@@ -89,7 +89,7 @@ class _Src:
 @dataclass(frozen=True)
 class _Slice:
     sources: tuple[_Src, ...]
-    base: Path | None
+    base: ModelRef | None
     params: dict[str, Setting]
     key: str
 
@@ -101,13 +101,13 @@ def make_plan(recipe: Recipe, *, allow_pickle: bool = False) -> Plan:
     ckpts, keys = _open_checkpoints(recipe, allow_pickle)
     index = {path: i for i, path in enumerate(ckpts)}
     checkpoints = list(ckpts.values())
-    _check_architectures(checkpoints, keys)
+    _check_architectures(ckpts, keys)
     slices = _normalise_slices(recipe, method, ckpts)
-    template_path = slices[0].base or slices[0].sources[0].path
-    template = ckpts[template_path]
+    template_ref = slices[0].base or slices[0].sources[0].path
+    template = ckpts[template_ref]
     stack = find_stack(template.tensors)
     builder = _JobBuilder(recipe, method, ckpts, index)
-    jobs = builder.build(slices, template, stack)
+    jobs = builder.build(slices, template_ref, stack)
     out_layers = sum((s.sources[0].layers[1] - s.sources[0].layers[0]) for s in slices if s.sources[0].layers)
     config = _output_config(template, stack, slices, out_layers, recipe, ckpts)
     return Plan(
@@ -159,53 +159,65 @@ def _set_globally(recipe: Recipe, name: str) -> bool:
 
 
 # ---------------------------------------------------------------- checkpoints
-def _open_checkpoints(recipe: Recipe, allow_pickle: bool) -> tuple[dict[Path, Checkpoint], dict[Path, str]]:
-    """Open every referenced model once (headers only), in recipe order."""
-    refs: list[tuple[str, str]] = []
+def _open_checkpoints(recipe: Recipe, allow_pickle: bool) -> tuple[dict[ModelRef, Checkpoint], dict[ModelRef, str]]:
+    """Open every referenced model once (headers only), in recipe order; a model with an adapter
+    becomes an `AdaptedCheckpoint` over the same base `Checkpoint`."""
+    refs: list[tuple[str, ModelRef]] = []
     if recipe.base_model:
-        refs.append(("base_model", recipe.base_model))
-    refs += [(f"models[{i}].model", m.model) for i, m in enumerate(recipe.models or [])]
+        refs.append(("base_model", recipe.ref(recipe.base_model)))
+    refs += [(f"models[{i}].model", recipe.ref(m.model, m.adapter)) for i, m in enumerate(recipe.models or [])]
     for i, s in enumerate(recipe.slices or []):
         if s.base_model:
-            refs.append((f"slices[{i}].base_model", s.base_model))
-        refs += [(f"slices[{i}].sources[{j}].model", src.model) for j, src in enumerate(s.sources)]
-    ckpts: dict[Path, Checkpoint] = {}
-    keys: dict[Path, str] = {}
-    for key, raw in refs:
-        path = recipe.resolve(raw)
-        if path in ckpts:
+            refs.append((f"slices[{i}].base_model", recipe.ref(s.base_model)))
+        refs += [(f"slices[{i}].sources[{j}].model", recipe.ref(src.model, src.adapter)) for j, src in enumerate(s.sources)]
+    bases: dict[Path, Checkpoint] = {}
+    ckpts: dict[ModelRef, Checkpoint] = {}
+    keys: dict[ModelRef, str] = {}
+    for key, ref in refs:
+        if ref in ckpts:
             continue
         try:
-            ckpts[path] = Checkpoint(path, allow_pickle=allow_pickle)
+            if ref.path not in bases:
+                bases[ref.path] = Checkpoint(ref.path, allow_pickle=allow_pickle)
+            ckpts[ref] = bases[ref.path] if ref.adapter is None else _adapted(bases[ref.path], ref.adapter)
         except CheckpointError as exc:
-            raise CheckpointError(f"{key}: {exc}") from None
-        keys[path] = key
+            hint = " (for base+adapter, the adapter folder must hold adapter_config.json)" if "+" in ref.path.name else ""
+            raise CheckpointError(f"{key}: {exc}{hint}") from None
+        keys[ref] = key
     return ckpts, keys
 
 
-def _check_architectures(checkpoints: list[Checkpoint], keys: dict[Path, str]) -> None:
-    kinds = {(c.config.get("model_type"), tuple(c.config.get("architectures") or ())) for c in checkpoints if c.config}
+def _adapted(base: Checkpoint, adapter: Path) -> Checkpoint:
+    from mergelab.lora.adapter import load_adapter
+    from mergelab.lora.apply import AdaptedCheckpoint
+
+    return AdaptedCheckpoint(base, load_adapter(adapter))
+
+
+def _check_architectures(ckpts: dict[ModelRef, Checkpoint], keys: dict[ModelRef, str]) -> None:
+    kinds = {(c.config.get("model_type"), tuple(c.config.get("architectures") or ())) for c in ckpts.values() if c.config}
     if len({k[0] for k in kinds}) > 1:
-        found = ", ".join(f"{keys[c.path]}={c.config.get('model_type')}" for c in checkpoints)
+        found = ", ".join(f"{keys[ref]}={c.config.get('model_type')}" for ref, c in ckpts.items())
         raise PlanError(f"models have different architectures ({found}); they cannot be merged tensor by tensor")
 
 
 # ---------------------------------------------------------------- slices
-def _normalise_slices(recipe: Recipe, method: MergeMethod, ckpts: dict[Path, Checkpoint]) -> list[_Slice]:
+def _normalise_slices(recipe: Recipe, method: MergeMethod, ckpts: dict[ModelRef, Checkpoint]) -> list[_Slice]:
     """`models:` becomes one slice over all layers (the base joining if not listed), as in mergekit."""
-    base = recipe.resolve(recipe.base_model) if recipe.base_model else None
+    base = recipe.ref(recipe.base_model) if recipe.base_model else None
     if recipe.models is not None:
-        srcs = [_Src(recipe.resolve(m.model), f"models[{i}]", _all_layers(ckpts[recipe.resolve(m.model)]), dict(m.parameters or {}))
-                for i, m in enumerate(recipe.models)]
+        refs = [recipe.ref(m.model, m.adapter) for m in recipe.models]
+        srcs = [_Src(ref, f"models[{i}]", _all_layers(ckpts[ref]), dict(m.parameters or {}))
+                for i, (ref, m) in enumerate(zip(refs, recipe.models))]
         if base is not None and base not in {s.path for s in srcs}:
             srcs.append(_Src(base, "base_model", _all_layers(ckpts[base]), {}))
         slices = [_Slice(tuple(srcs), base, {}, "models")]
     else:
         slices = []
         for i, s in enumerate(recipe.slices or []):
-            srcs = [_Src(recipe.resolve(src.model), f"slices[{i}].sources[{j}]", src.layer_range, dict(src.parameters or {}))
+            srcs = [_Src(recipe.ref(src.model, src.adapter), f"slices[{i}].sources[{j}]", src.layer_range, dict(src.parameters or {}))
                     for j, src in enumerate(s.sources)]
-            slice_base = recipe.resolve(s.base_model) if s.base_model else base
+            slice_base = recipe.ref(s.base_model) if s.base_model else base
             slices.append(_Slice(tuple(srcs), slice_base, dict(s.parameters or {}), f"slices[{i}]"))
     for s in slices:
         _check_slice(s, method, ckpts)
@@ -217,7 +229,7 @@ def _all_layers(ckpt: Checkpoint) -> tuple[int, int] | None:
     return (0, stack.num_layers) if stack else None
 
 
-def _check_slice(s: _Slice, method: MergeMethod, ckpts: dict[Path, Checkpoint]) -> None:
+def _check_slice(s: _Slice, method: MergeMethod, ckpts: dict[ModelRef, Checkpoint]) -> None:
     paths = [src.path for src in s.sources]
     if method.base_policy == "required" and s.base is None:
         raise RecipeError(f"base_model: {method.name} needs a base model (the model the others' task vectors are taken from)")
@@ -242,12 +254,13 @@ def _check_slice(s: _Slice, method: MergeMethod, ckpts: dict[Path, Checkpoint]) 
 
 # ---------------------------------------------------------------- jobs
 class _JobBuilder:
-    def __init__(self, recipe: Recipe, method: MergeMethod, ckpts: dict[Path, Checkpoint], index: dict[Path, int]) -> None:
+    def __init__(self, recipe: Recipe, method: MergeMethod, ckpts: dict[ModelRef, Checkpoint], index: dict[ModelRef, int]) -> None:
         self.recipe, self.method, self.ckpts, self.index = recipe, method, ckpts, index
         self.out_dtype = TORCH_DTYPES.get(recipe.out_dtype or recipe.dtype or "")
         self.stacks = {p: find_stack(c.tensors) for p, c in ckpts.items()}
 
-    def build(self, slices: list[_Slice], template: Checkpoint, stack: Stack | None) -> list[TensorJob]:
+    def build(self, slices: list[_Slice], template_ref: ModelRef, stack: Stack | None) -> list[TensorJob]:
+        template = self.ckpts[template_ref]
         outside = [n for n in template.tensors if stack is None or not n.startswith(stack.prefix + ".")]
         pre = [n for n in outside if is_pre_weight(n)]
         post = [n for n in outside if not is_pre_weight(n)]
@@ -258,7 +271,7 @@ class _JobBuilder:
                 continue
             first = s.sources[0].layers
             n = first[1] - first[0]
-            tmpl_src = next((src for src in s.sources if src.path == template.path), s.sources[0])
+            tmpl_src = next((src for src in s.sources if src.path == template_ref), s.sources[0])
             for offset in range(n):
                 t = offset / (n - 1) if n > 1 else 1.0
                 for suffix in self.stacks[tmpl_src.path].suffixes[tmpl_src.layers[0] + offset]:
@@ -316,7 +329,7 @@ class _JobBuilder:
 
 # ---------------------------------------------------------------- output metadata
 def _output_config(template: Checkpoint, stack: Stack | None, slices: list[_Slice], out_layers: int,
-                   recipe: Recipe, ckpts: dict[Path, Checkpoint]) -> dict:
+                   recipe: Recipe, ckpts: dict[ModelRef, Checkpoint]) -> dict:
     config = copy.deepcopy(template.config)
     key = layer_count_key(config)
     if key and stack is not None and out_layers != config[key]:

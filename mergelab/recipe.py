@@ -12,12 +12,19 @@ A parameter value is a scalar, a list of numbers (a gradient, interpolated over 
 a list of booleans or strings steps through its values instead),
 or a list of `{filter, value}` entries (the first whose filter is a substring of the tensor
 name wins; no filter matches everything). Model paths are resolved relative to the recipe file.
+
+A model may carry a LoRA adapter, applied to it tensor by tensor while merging (no merged copy
+on disk): `model: base+adapter` (mergekit's syntax) or an explicit `adapter:` key on a
+`models[]` entry or slice source. `base+adapter` is split on the LAST '+' only when the part
+after it is a folder holding `adapter_config.json` (relative to the recipe); otherwise the
+string is one path, so folder names containing '+' keep working.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -44,13 +51,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """A model a recipe names: a folder, optionally with a LoRA adapter applied on the fly."""
+
+    path: Path
+    adapter: Path | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}+{self.adapter}" if self.adapter is not None else str(self.path)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
 class ModelSpec(_Strict):
     model: str
+    adapter: str | None = None
     parameters: dict[str, Setting] | None = None
 
 
 class SliceSource(_Strict):
     model: str
+    adapter: str | None = None
     layer_range: tuple[int, int]
     parameters: dict[str, Setting] | None = None
 
@@ -88,10 +111,18 @@ class Recipe(_Strict):
         p = Path(os.path.expanduser(path))
         return p if p.is_absolute() else (self.root / p).resolve()
 
+    def ref(self, model: str, adapter: str | None = None) -> ModelRef:
+        """The model a recipe entry names: `model` (maybe `base+adapter`) plus its `adapter:` key."""
+        base, plus = split_adapter(model, self.root)
+        if plus is not None and adapter is not None:
+            raise RecipeError(f"model {model!r}: give the adapter once, either as base+adapter or with the 'adapter' key")
+        adapter = adapter if adapter is not None else plus
+        return ModelRef(self.resolve(base), self.resolve(adapter) if adapter is not None else None)
+
     def to_yaml(self, *, absolute_paths: bool = False) -> str:
         data = self.model_dump(mode="json", exclude_none=True, exclude={"root"})
         if absolute_paths:
-            data = _map_paths(data, lambda p: str(self.resolve(p)))
+            data = _map_paths(data, lambda p: str(self.ref(p)))
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
@@ -101,14 +132,28 @@ def _map_paths(data: dict, fn: Any) -> dict:
     for key in ("base_model", "tokenizer_source"):
         if key in data and not (key == "tokenizer_source" and data[key] in ("base", "union")):
             data[key] = fn(data[key])
-    for m in data.get("models") or []:
-        m["model"] = fn(m["model"])
+    entries = list(data.get("models") or [])
     for s in data.get("slices") or []:
         if s.get("base_model"):
             s["base_model"] = fn(s["base_model"])
-        for src in s["sources"]:
-            src["model"] = fn(src["model"])
+        entries += s["sources"]
+    for entry in entries:
+        for key in ("model", "adapter"):
+            if key in entry:
+                entry[key] = fn(entry[key])
     return data
+
+
+def split_adapter(model: str, root: Path) -> tuple[str, str | None]:
+    """`base+adapter` -> (base, adapter) when `adapter` is a PEFT adapter folder; else (model, None)."""
+    if "+" not in model:
+        return model, None
+    base, adapter = model.rsplit("+", 1)
+    folder = Path(os.path.expanduser(adapter))
+    folder = folder if folder.is_absolute() else root / folder
+    if base and (folder / ADAPTER_CONFIG).is_file():
+        return base, adapter
+    return model, None
 
 
 def load_recipe(source: str | os.PathLike[str] | dict | Recipe) -> Recipe:
