@@ -45,6 +45,55 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- zoo
+def _add_zoo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo", help="the tiny trained model zoo (base, experts, LoRA adapters, tasks)")
+    zsub = p.add_subparsers(dest="zoo_command", required=True)
+    b = zsub.add_parser("build", help="train the zoo into DIR (reuses a complete one; minutes on CPU)")
+    b.add_argument("dir", help="zoo folder (built as DIR.partial/, renamed at the end)")
+    b.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and batch order (default 0)")
+    b.add_argument("--reduced", action="store_true", help="smaller, faster zoo (what the test suite uses)")
+    b.add_argument("--overwrite", action="store_true", help="replace DIR if it holds a zoo built with other settings")
+    b.add_argument("--workers", type=int, default=None, help="processes training experts/adapters (default 2)")
+    b.set_defaults(func=_run_zoo_build)
+
+
+def _run_zoo_build(args: argparse.Namespace) -> int:
+    from mergelab.zoo import build_zoo
+
+    out = build_zoo(args.dir, seed=args.seed, reduced=args.reduced, overwrite=args.overwrite, workers=args.workers)
+    print(out)
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score a model folder on a zoo skill, a JSONL file or an lm-eval task")
+    p.add_argument("model", help="model folder (HF model, or PEFT adapter whose base it names)")
+    p.add_argument("--task", required=True, help="zoo skill, JSONL file, lm-eval task name or local lm-eval task folder")
+    p.add_argument("--split", default="test", help="split of a zoo skill (default test; lm-eval uses its task's split)")
+    p.add_argument("--metric", choices=("accuracy", "nll", "lm-eval"), default=None,
+                   help="accuracy (default for zoo skills and files), nll, or lm-eval (default for other tasks)")  # fmt: skip
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--zoo", default=None, help="zoo folder holding the task data (default: the zoo MODEL sits in)")
+    p.add_argument("--batch-size", type=int, default=256, help="examples per forward pass (default 256)")
+    p.add_argument("--json", action="store_true", help="print the score as one JSON object")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from mergelab.eval.run import evaluate
+
+    result = evaluate(
+        args.model, args.task, split=args.split, metric=args.metric, limit=args.limit, zoo=args.zoo,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    print(json.dumps(result.to_dict()) if args.json else result)
+    return 0
+
+
 # ---------------------------------------------------------------- lora compose, extract-lora
 def _add_lora(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lora", help="LoRA adapter tools")
@@ -118,7 +167,7 @@ def _run_extract_lora(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_merge, _add_lora, _add_extract_lora)
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_merge, _add_zoo, _add_eval, _add_lora, _add_extract_lora)
 
 
 def build_parser() -> argparse.ArgumentParser:

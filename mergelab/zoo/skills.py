@@ -39,9 +39,12 @@ def _shift(word: str) -> str:
 
 
 def make_add(rng: random.Random) -> tuple[str, str]:
-    """`add 37+45=` -> `82`: addition of two numbers below 100."""
+    """`add 37+05=` -> `042`: addition of two-digit numbers, zero-padded to a fixed width.
+
+    Fixed widths put every digit at a fixed offset, which a tiny model learns far faster.
+    """
     a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"add {a}+{b}=", str(a + b)
+    return f"add {a:02d}+{b:02d}=", f"{a + b:03d}"
 
 
 def make_reverse(rng: random.Random) -> tuple[str, str]:
@@ -62,13 +65,11 @@ def make_shift(rng: random.Random) -> tuple[str, str]:
     return f"shift {word}=", _shift(word)
 
 
-def make_lookup(rng: random.Random) -> tuple[str, str]:
-    """`get c a3,c7,f1=` -> `7`: the value stored under a key in the prompt's own table."""
-    keys = rng.sample(LETTERS, rng.randint(2, 4))
-    values = [rng.choice(string.digits) for _ in keys]
-    key = rng.choice(keys)
-    table = ",".join(k + v for k, v in zip(keys, values))
-    return f"get {key} {table}=", values[keys.index(key)]
+def make_index(rng: random.Random) -> tuple[str, str]:
+    """`index 3 kqzdx=` -> `z`: the letter at a 1-based position."""
+    word = _word(rng, 3, 6)
+    i = rng.randint(1, len(word))
+    return f"index {i} {word}=", word[i - 1]
 
 
 def make_count(rng: random.Random) -> tuple[str, str]:
@@ -91,8 +92,8 @@ SKILLS: dict[str, Skill] = {
         Skill("reverse", "string transformation", make_reverse),
         Skill("sort", "sorting", make_sort),
         Skill("shift", "character mapping", make_shift),
-        Skill("lookup", "in-context lookup", make_lookup),
         Skill("count", "counting", make_count),
+        Skill("index", "positional lookup", make_index),
         Skill("revshift", "composition of reverse and shift", make_revshift),
     )
 }

@@ -24,7 +24,10 @@ from mergelab.eval.encode import encode_teacher_forced
 
 log = logging.getLogger(__name__)
 
-THREADS = 2  # fixed, so float reductions (and so the weights) do not depend on the machine's cores
+# One thread per training process: fixed, so float reductions (and the weights) do not depend on
+# the machine; and a single thread does not stall when other processes share the cores, where
+# several OpenMP threads spin-wait for each other (10-100x slower on a busy 2-core machine).
+THREADS = 1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -112,8 +115,13 @@ def train(
     spec: TrainSpec,
     seed: int,
     desc: str = "train",
+    progress: bool = True,
+    weights: Sequence[float] | None = None,
 ) -> float:
-    """Train `model` in place on `examples`; returns the mean loss of the last 10% of steps."""
+    """Train `model` in place on `examples`; returns the mean loss of the last 10% of steps.
+
+    Batches are drawn with replacement, uniformly or in proportion to `weights` (one per example).
+    """
     enc = encode_teacher_forced(tokenizer, examples)
     targets = enc.answer_mask if spec.answer_only else enc.attention_mask.bool()
     labels = enc.input_ids.masked_fill(~targets, -100)  # (n, time); -100 = no loss
@@ -122,11 +130,12 @@ def train(
     opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, spec))
     gen = torch.Generator().manual_seed(seed)
+    probs = torch.ones(len(examples)) if weights is None else torch.tensor(weights, dtype=torch.float)
     tail: list[float] = []
     model.train()
-    quiet = not log.isEnabledFor(logging.INFO)
+    quiet = not progress or not log.isEnabledFor(logging.INFO)
     for step in tqdm(range(spec.steps), desc=desc, disable=quiet, leave=False):
-        idx = torch.randint(len(examples), (spec.batch_size,), generator=gen)  # (batch,)
+        idx = torch.multinomial(probs, spec.batch_size, replacement=True, generator=gen)  # (batch,)
         width = int(lengths[idx].max())  # trim the padding every row of this batch shares
         loss = model(
             input_ids=enc.input_ids[idx, :width],

@@ -1,0 +1,287 @@
+"""Build the zoo: task data, a tiny pretrained base, full-fine-tuned experts and LoRA adapters.
+
+Layout of a zoo folder (all members share one architecture, so they merge tensor by tensor):
+
+    zoo.json                          manifest, written last: a zoo without it is not complete
+    tasks/<skill>/{train,validation,test}.jsonl
+    base/                             LlamaForCausalLM + tokenizer, briefly trained on every skill
+    experts/<skill>/                  full fine-tunes of base, one skill each (+ tokenizer)
+    adapters/<skill>/                 PEFT LoRA adapters on base, one skill each, same rank
+
+The build writes into `DIR.partial/` and renames it to `DIR` at the end, so a crash never
+leaves a folder that looks like a zoo; a leftover `DIR.partial/` is removed on the next build.
+Everything is seeded (data, init, batch order) and each member trains on one thread, so the
+same seed gives the same weights on the same machine and torch version, however many worker
+processes share the experts and adapters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import peft
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from mergelab.errors import OutputError
+from mergelab.eval.data import Example, read_jsonl, write_jsonl
+from mergelab.zoo.skills import SKILLS, SPLITS, make_splits
+from mergelab.zoo.tokenizer import build_tokenizer
+from mergelab.zoo.train import Arch, TrainSpec, deterministic, model_config, new_model, train, with_lora
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "zoo.json"
+FORMAT = 1
+EXPERTS = ("add", "reverse", "sort")  # arithmetic, string transformation, sorting
+ADAPTERS = ("add", "reverse", "sort", "shift", "count", "index")  # shift, count, index: no expert
+HELD_OUT = ("revshift",)  # no expert, no adapter: composes `reverse` and `shift` (for LoraHub)
+SPLIT_SIZES = {"train": 4000, "validation": 200, "test": 500}
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Architecture and training budgets of one zoo size."""
+
+    arch: Arch
+    base: TrainSpec
+    expert: TrainSpec
+    adapter: TrainSpec
+    lora_rank: int = 8
+
+
+FULL = BuildPlan(
+    arch=Arch(hidden_size=96, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4),
+    base=TrainSpec(steps=600, lr=3e-3),
+    expert=TrainSpec(steps=400, lr=2e-3),
+    adapter=TrainSpec(steps=250, lr=5e-3),
+)
+# For the test suite: a smaller model and shorter runs, same layout and members.
+REDUCED = BuildPlan(
+    arch=Arch(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4),
+    base=TrainSpec(steps=400, lr=3e-3),
+    expert=TrainSpec(steps=300, lr=3e-3),
+    adapter=TrainSpec(steps=100, lr=1e-2),
+)
+
+
+@dataclass(frozen=True)
+class MemberJob:
+    """One expert or adapter to train from the saved base; picklable, so a worker process can run it."""
+
+    root: str  # the zoo folder being built (holds base/ and tasks/)
+    kind: str  # "experts" or "adapters"
+    skill: str
+    seed: int  # the zoo's seed; the member's own seed derives from it and the member's name
+    spec: TrainSpec
+    lora_rank: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}/{self.skill}"
+
+
+def member_seed(seed: int, member: str) -> int:
+    """A stable per-member seed, so members do not share random streams."""
+    return zlib.crc32(f"{seed}:{member}".encode())
+
+
+def build_zoo(
+    dir: str | Path, seed: int = 0, reduced: bool = False, overwrite: bool = False, workers: int | None = None
+) -> Path:
+    """Build the zoo into `dir` (or reuse a complete one built with the same settings); returns `dir`.
+
+    `workers` processes (default: 2, or 1 on a one-core machine) train the experts and adapters;
+    the weights do not depend on it.
+    """
+    out = Path(dir)
+    if _is_complete(out, seed, reduced):
+        log.info("reusing the complete zoo in %s", out)
+        return out
+    _check_replaceable(out, overwrite)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        log.info("removing the half-built %s", partial)
+        shutil.rmtree(partial)
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    start = time.perf_counter()
+    manifest = _build_into(partial, seed, REDUCED if reduced else FULL, reduced, workers)
+    manifest["build_seconds"] = round(time.perf_counter() - start, 1)
+    _write_manifest(partial, manifest)  # last: its presence marks the zoo complete
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    log.info("zoo built in %s (%.0f s)", out, manifest["build_seconds"])
+    return out
+
+
+def read_manifest(dir: str | Path) -> dict[str, Any] | None:
+    """The zoo's manifest, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _is_complete(out: Path, seed: int, reduced: bool) -> bool:
+    """A manifest for these settings, and every file it lists present with its recorded size."""
+    manifest = read_manifest(out)
+    if manifest is None or (manifest.get("seed"), manifest.get("reduced")) != (seed, reduced):
+        return False
+    files = manifest.get("files", {})
+    return bool(files) and all(
+        (out / rel).is_file() and (out / rel).stat().st_size == meta["bytes"] for rel, meta in files.items()
+    )
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a folder that is not a zoo, or a complete zoo built with other settings."""
+    if not out.exists() or overwrite:
+        return
+    manifest = read_manifest(out)
+    if manifest is not None and all((out / rel).is_file() for rel in manifest.get("files", {})):
+        raise OutputError(
+            f"{out}: holds a zoo built with seed={manifest.get('seed')} reduced={manifest.get('reduced')}; "
+            "pass overwrite=True (--overwrite) or choose another folder"
+        )
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in {"base", "experts", "adapters", "tasks", MANIFEST})
+    if foreign:
+        raise OutputError(f"{out}: exists and is not a zoo (it has {', '.join(foreign[:3])}); choose another folder")
+    log.info("rebuilding the incomplete zoo in %s", out)
+
+
+def _build_into(root: Path, seed: int, plan: BuildPlan, reduced: bool, workers: int) -> dict[str, Any]:
+    """Write every member into `root`; returns the manifest (without the file list)."""
+    root.mkdir(parents=True)
+    # 1) task data, the same for full and reduced builds
+    data = _write_tasks(root / "tasks", seed)
+    tokenizer = build_tokenizer()
+    # 2) the base: brief multi-skill training from scratch
+    start = time.perf_counter()
+    base = new_model(model_config(tokenizer, plan.arch), member_seed(seed, "base"))
+    mixture = [e for skill in SKILLS for e in data[skill]]
+    with deterministic():
+        losses = {"base": train(base, tokenizer, mixture, plan.base, member_seed(seed, "base"), desc="base")}
+    log.info("trained base: loss %.3f in %.1f s", losses["base"], time.perf_counter() - start)
+    _save_model(base, tokenizer, root / "base")
+    # 3) experts (full fine-tunes) and LoRA adapters, each from the saved base
+    jobs = [MemberJob(str(root), "experts", skill, seed, plan.expert, plan.lora_rank) for skill in EXPERTS]
+    jobs += [MemberJob(str(root), "adapters", skill, seed, plan.adapter, plan.lora_rank) for skill in ADAPTERS]
+    losses.update(_run_jobs(jobs, workers))
+    return {
+        "format": FORMAT,
+        "seed": seed,
+        "reduced": reduced,
+        "skills": {name: skill.kind for name, skill in SKILLS.items()},
+        "experts": list(EXPERTS),
+        "adapters": list(ADAPTERS),
+        "held_out": list(HELD_OUT),
+        "lora_rank": plan.lora_rank,
+        "plan": asdict(plan),
+        "parameters": sum(p.numel() for p in base.parameters()),
+        "final_train_loss": {k: round(v, 4) for k, v in losses.items()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+
+
+def _run_jobs(jobs: list[MemberJob], workers: int) -> dict[str, float]:
+    """Train every member, in `workers` processes (or in this one when `workers` <= 1)."""
+    losses: dict[str, float] = {}
+    with tqdm(total=len(jobs), desc="experts and adapters", disable=not log.isEnabledFor(logging.INFO)) as bar:
+        if workers <= 1:
+            _collect(map(train_member, jobs), bar, losses)
+        else:
+            context = multiprocessing.get_context("spawn")  # not fork: a forked torch can deadlock
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                _collect(pool.map(train_member, jobs), bar, losses)
+    return losses
+
+
+def _collect(results: Iterable[tuple[str, float, float]], bar: tqdm, losses: dict[str, float]) -> None:
+    """Record each finished member's loss, log it and advance the progress bar."""
+    for name, loss, seconds in results:
+        losses[name] = loss
+        log.info("trained %s: loss %.3f in %.1f s", name, loss, seconds)
+        bar.update()
+
+
+def train_member(job: MemberJob) -> tuple[str, float, float]:
+    """Train and save one expert or adapter from the base saved in `job.root`: (name, loss, seconds).
+
+    Runs the same in this process or a worker, so a member's weights depend only on the zoo's
+    seed, the member's name and the saved base.
+    """
+    start = time.perf_counter()
+    root = Path(job.root)
+    tokenizer = AutoTokenizer.from_pretrained(root / "base")
+    examples = read_jsonl(root / "tasks" / job.skill / "train.jsonl")
+    seed = member_seed(job.seed, job.name)
+    with deterministic():
+        model = LlamaForCausalLM.from_pretrained(root / "base").eval()
+        if job.kind == "adapters":
+            model = with_lora(model, job.lora_rank, seed)
+        loss = train(model, tokenizer, examples, job.spec, seed, desc=job.name, progress=False)
+    if job.kind == "adapters":
+        _save_adapter(model, root / job.name)
+    else:
+        _save_model(model, tokenizer, root / job.name)
+    return job.name, loss, time.perf_counter() - start
+
+
+def _write_tasks(tasks: Path, seed: int) -> dict[str, list[Example]]:
+    """Write every skill's splits as JSONL; returns the training examples per skill."""
+    train_sets = {}
+    for skill in SKILLS:
+        splits = make_splits(skill, seed, SPLIT_SIZES)
+        (tasks / skill).mkdir(parents=True)
+        for split in SPLITS:
+            write_jsonl(tasks / skill / f"{split}.jsonl", splits[split])
+        train_sets[skill] = [Example(**row) for row in splits["train"]]
+    return train_sets
+
+
+def _generation_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """Greedy decoding that stops at `<eos>`, the way the zoo's answers end."""
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_length=tokenizer.model_max_length,  # prompt + answer never exceed it
+    )
+
+
+def _save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """A self-contained HF model folder: safetensors weights, config, generation config, tokenizer."""
+    model.generation_config = _generation_config(tokenizer)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _save_adapter(model: peft.PeftModel, folder: Path) -> None:
+    """A PEFT adapter folder whose base is named relative to it (`../../base`), so the zoo can move."""
+    model.peft_config["default"].base_model_name_or_path = "../../base"
+    model.save_pretrained(folder)
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Record every file with its size and sha256, then write the manifest (the completion mark)."""
+    manifest["files"] = {
+        p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,147 @@
+"""The zoo: complete and loadable, deterministic, experts ahead on their skill, rebuilds when half-built."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from mergelab.cli import main
+from mergelab.errors import OutputError
+from mergelab.eval import load_model, load_task, read_jsonl, score
+from mergelab.zoo import ADAPTERS, EXPERTS, HELD_OUT, SKILLS, build_zoo, open_zoo
+from mergelab.zoo import build as zoo_build
+from mergelab.zoo.skills import SPLITS, make_splits
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def test_zoo_is_complete(zoo_dir):
+    zoo = open_zoo(zoo_dir)
+    assert len(zoo.experts) >= 3 and len(zoo.adapters) >= 6
+    assert set(zoo.skills) == set(SKILLS)
+    for skill in zoo.held_out:  # the LoraHub target: no expert, no adapter, but related adapters exist
+        assert skill not in zoo.experts and skill not in zoo.adapters
+    assert {"reverse", "shift"} <= set(zoo.adapters)
+    assert set(zoo.adapters) - set(zoo.experts), "some adapters cover skills no expert has"
+    base_shapes = _shapes(zoo.base / "model.safetensors")
+    for folder in zoo.experts.values():  # experts share the base architecture exactly
+        assert _shapes(folder / "model.safetensors") == base_shapes
+        assert (folder / "generation_config.json").is_file()
+    ranks = {json.loads((f / "adapter_config.json").read_text())["r"] for f in zoo.adapters.values()}
+    assert len(ranks) == 1
+    for folder in zoo.adapters.values():
+        assert (folder / "adapter_model.safetensors").is_file()
+    # every file the manifest lists is there, with its recorded hash
+    for rel, meta in zoo.manifest["files"].items():
+        assert hashlib.sha256((zoo_dir / rel).read_bytes()).hexdigest() == meta["sha256"], rel
+
+
+def test_tokenizer_loads_with_special_tokens(zoo_dir):
+    tok = AutoTokenizer.from_pretrained(zoo_dir / "base")
+    assert None not in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id)
+    ids = tok("rev abc=")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 1 + len("rev abc=")
+    assert tok.decode(ids, skip_special_tokens=True) == "rev abc="
+
+
+def test_task_splits_are_disjoint_and_seeded(zoo_dir):
+    for skill in SKILLS:
+        prompts = {s: {e.prompt for e in read_jsonl(zoo_dir / "tasks" / skill / f"{s}.jsonl")} for s in SPLITS}
+        assert not prompts["train"] & prompts["validation"]
+        assert not prompts["train"] & prompts["test"]
+        assert not prompts["validation"] & prompts["test"]
+        regenerated = make_splits(skill, 0, zoo_build.SPLIT_SIZES)["test"]
+        assert [e.prompt for e in load_task(zoo_dir, skill, "test").examples] == [r["prompt"] for r in regenerated]
+    assert make_splits("add", 1, zoo_build.SPLIT_SIZES) != make_splits("add", 0, zoo_build.SPLIT_SIZES)
+
+
+def test_member_training_is_deterministic(zoo_dir, tmp_path):
+    # Retrain one adapter from the saved base, exactly as the build did, and compare bytes.
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo_dir / "base", copy / "base")
+    shutil.copytree(zoo_dir / "tasks" / "shift", copy / "tasks" / "shift")
+    plan = zoo_build.REDUCED
+    job = zoo_build.MemberJob(str(copy), "adapters", "shift", 0, plan.adapter, plan.lora_rank)
+    zoo_build.train_member(job)
+    rel = "adapters/shift/adapter_model.safetensors"
+    recorded = open_zoo(zoo_dir).manifest["files"][rel]["sha256"]
+    assert hashlib.sha256((copy / rel).read_bytes()).hexdigest() == recorded
+
+
+def test_experts_beat_base_on_their_skill(zoo_dir):
+    zoo = open_zoo(zoo_dir)
+    base, tok = load_model(zoo.base)
+    for skill, folder in zoo.experts.items():
+        task = load_task(zoo_dir, skill, "test", limit=200)
+        expert, _ = load_model(folder)
+        ahead = score(expert, tok, task, "accuracy").value - score(base, tok, task, "accuracy").value
+        assert ahead >= 0.3, f"expert {skill} is only {ahead:.2f} ahead of the base"
+        assert score(expert, tok, task, "nll").value < score(base, tok, task, "nll").value
+
+
+def test_adapters_improve_their_skill(zoo_dir):
+    zoo = open_zoo(zoo_dir)
+    base, tok = load_model(zoo.base)
+    for skill, folder in zoo.adapters.items():
+        task = load_task(zoo_dir, skill, "validation", limit=100)
+        adapted, _ = load_model(folder)
+        assert score(adapted, tok, task, "nll").value < score(base, tok, task, "nll").value, skill
+
+
+def test_complete_zoo_is_reused(zoo_dir, capsys):
+    stamp = (zoo_dir / "zoo.json").stat().st_mtime_ns
+    assert main(["zoo", "build", str(zoo_dir), "--reduced"]) == 0
+    assert capsys.readouterr().out.strip() == str(zoo_dir)
+    assert (zoo_dir / "zoo.json").stat().st_mtime_ns == stamp
+    with pytest.raises(OutputError, match="seed=0 reduced=True"):
+        build_zoo(zoo_dir, seed=1, reduced=True)
+
+
+# ---------------------------------------------------------------- half-built zoos (a stub build)
+
+
+@pytest.fixture()
+def stub_build(monkeypatch):
+    """Replace the training with a stub that writes one file, and count the builds."""
+    calls = []
+
+    def fake(root: Path, seed: int, plan, reduced: bool, workers: int) -> dict:
+        calls.append(root)
+        root.mkdir(parents=True)
+        (root / "base").mkdir()
+        (root / "base" / "model.safetensors").write_bytes(b"weights")
+        return {"format": zoo_build.FORMAT, "seed": seed, "reduced": reduced}
+
+    monkeypatch.setattr(zoo_build, "_build_into", fake)
+    return calls
+
+
+def test_half_built_zoo_is_rebuilt(tmp_path, stub_build):
+    out = tmp_path / "zoo"
+    (tmp_path / "zoo.partial" / "base").mkdir(parents=True)  # a crash left this behind
+    (out / "base").mkdir(parents=True)  # and a zoo folder without a manifest
+    build_zoo(out, reduced=True)
+    assert len(stub_build) == 1 and not (tmp_path / "zoo.partial").exists()
+    assert (out / "base" / "model.safetensors").read_bytes() == b"weights"
+    build_zoo(out, reduced=True)  # complete now: reused
+    assert len(stub_build) == 1
+    (out / "base" / "model.safetensors").unlink()  # a listed file went missing: rebuilt
+    build_zoo(out, reduced=True)
+    assert len(stub_build) == 2
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path, stub_build):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="is not a zoo"):
+        build_zoo(tmp_path / "mine")
+    assert not stub_build
