@@ -1,0 +1,1 @@
+"""Evolutionary merge search: job schema, genome <-> recipe, in-memory merging of candidates."""
