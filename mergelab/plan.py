@@ -94,11 +94,13 @@ class _Slice:
     key: str
 
 
-def make_plan(recipe: Recipe, *, allow_pickle: bool = False) -> Plan:
-    """Validate `recipe` against its method and its inputs; build every tensor job."""
+def make_plan(recipe: Recipe, *, allow_pickle: bool = False, opened: dict[ModelRef, Checkpoint] | None = None) -> Plan:
+    """Validate `recipe` against its method and its inputs; build every tensor job.
+
+    `opened`: checkpoints already open (headers read), reused instead of opening them again."""
     method = get_method(recipe.merge_method)
     _check_parameters(recipe, method)
-    ckpts, keys = _open_checkpoints(recipe, allow_pickle)
+    ckpts, keys = _open_checkpoints(recipe, allow_pickle, opened or {})
     index = {path: i for i, path in enumerate(ckpts)}
     checkpoints = list(ckpts.values())
     _check_architectures(ckpts, keys)
@@ -121,6 +123,18 @@ def make_plan(recipe: Recipe, *, allow_pickle: bool = False) -> Plan:
         load_dtype=TORCH_DTYPES[recipe.dtype] if recipe.dtype else None,
         model_keys={p: k for p, k in keys.items()},
     )
+
+
+def replan(plan: Plan, recipe: Recipe) -> Plan:
+    """The plan of `recipe`, a variant of `plan.recipe` over the same models (other parameter values,
+    maybe another method): every job's parameters resolved again, no header read again.
+
+    The search calls this once per candidate; closing the returned plan closes `plan`'s checkpoints."""
+    opened = dict(zip(plan.model_keys, plan.checkpoints))
+    new = make_plan(recipe, opened=opened)
+    if len(new.checkpoints) != len(plan.checkpoints) or any(a is not b for a, b in zip(new.checkpoints, plan.checkpoints)):
+        raise PlanError("the changed recipe names other models than the plan it replaces")
+    return new
 
 
 # ---------------------------------------------------------------- recipe vs method
@@ -159,9 +173,10 @@ def _set_globally(recipe: Recipe, name: str) -> bool:
 
 
 # ---------------------------------------------------------------- checkpoints
-def _open_checkpoints(recipe: Recipe, allow_pickle: bool) -> tuple[dict[ModelRef, Checkpoint], dict[ModelRef, str]]:
-    """Open every referenced model once (headers only), in recipe order; a model with an adapter
-    becomes an `AdaptedCheckpoint` over the same base `Checkpoint`."""
+def _open_checkpoints(recipe: Recipe, allow_pickle: bool, opened: dict[ModelRef, Checkpoint]
+                      ) -> tuple[dict[ModelRef, Checkpoint], dict[ModelRef, str]]:
+    """Open every referenced model once (headers only), in recipe order, unless already in `opened`;
+    a model with an adapter becomes an `AdaptedCheckpoint` over the same base `Checkpoint`."""
     refs: list[tuple[str, ModelRef]] = []
     if recipe.base_model:
         refs.append(("base_model", recipe.ref(recipe.base_model)))
@@ -175,6 +190,9 @@ def _open_checkpoints(recipe: Recipe, allow_pickle: bool) -> tuple[dict[ModelRef
     keys: dict[ModelRef, str] = {}
     for key, ref in refs:
         if ref in ckpts:
+            continue
+        if ref in opened:
+            ckpts[ref], keys[ref] = opened[ref], key
             continue
         try:
             if ref.path not in bases:
