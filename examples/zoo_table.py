@@ -21,11 +21,18 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=None, help="examples per skill (default: all)")
     parser.add_argument("--adapters", action="store_true", help="also score each LoRA adapter (merged into base)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                        help="also score this model folder (e.g. a merge of the experts); repeatable")
     args = parser.parse_args()
     zoo = open_zoo(args.zoo)
     models = {"base": zoo.base} | {f"expert:{s}": p for s, p in zoo.experts.items()}
     if args.adapters:
         models |= {f"adapter:{s}": p for s, p in zoo.adapters.items()}
+    for item in args.model:
+        name, sep, folder = item.partition("=")
+        if not sep:
+            parser.error(f"--model {item!r}: expected NAME=DIR")
+        models[name] = Path(folder)
     tasks = {skill: load_task(zoo.root, skill, args.split, args.limit) for skill in zoo.skills}
     print(f"| model | {' | '.join(tasks)} |")
     print(f"|---|{'---|' * len(tasks)}")

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole merge flow on the built-in example, from a fresh machine:
+#   1) install mergelab into ./.venv (CPU torch first),
+#   2) build the tiny trained zoo (a base, three experts, LoRA adapters, task data; ~5 min on 2 cores),
+#   3) merge its experts three ways (uniform linear, uniform task arithmetic, TIES),
+#   4) score every model on every skill: what merging keeps and what it loses.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/setup
+export PATH="$PWD/.venv/bin:$PATH"
+mergelab zoo build zoo
+mkdir -p out
+for recipe in examples/uniform_linear.yaml examples/uniform_task_arithmetic.yaml strategies/ties.yaml; do
+    name=$(basename "$recipe" .yaml)
+    mergelab merge "$recipe" "out/$name" --overwrite
+done
+python examples/zoo_table.py zoo \
+    --model uniform_linear=out/uniform_linear \
+    --model uniform_task_arithmetic=out/uniform_task_arithmetic \
+    --model ties=out/ties

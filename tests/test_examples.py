@@ -1,0 +1,57 @@
+"""The walkthroughs in examples/ and the jobs in search/ run as written, on the reduced zoo."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mergelab.evolve.job import load_job
+from mergelab.merging import merge
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_RECIPES = sorted((REPO / "examples").glob("*.yaml"))
+SEARCH_JOBS = sorted((REPO / "search").glob("*.yaml"))
+
+
+def place(files: list[Path], folder: str, tmp_path: Path, zoo_dir: Path) -> Path:
+    """Copy `files` into tmp/<folder>/ beside tmp/zoo -> the test zoo, as they sit in the repo."""
+    (tmp_path / "zoo").symlink_to(zoo_dir, target_is_directory=True)
+    dest = tmp_path / folder
+    dest.mkdir()
+    for f in files:
+        shutil.copy(f, dest / f.name)
+    return dest
+
+
+def test_there_are_examples() -> None:
+    assert len(EXAMPLE_RECIPES) >= 2 and (REPO / "examples" / "quickstart.sh").is_file()
+
+
+def test_example_recipes_merge_and_score(tmp_path: Path, zoo_dir: Path) -> None:
+    folder = place(EXAMPLE_RECIPES, "examples", tmp_path, zoo_dir)
+    outputs = []
+    for recipe in EXAMPLE_RECIPES:
+        out = merge(folder / recipe.name, tmp_path / "out" / recipe.stem, progress=False)
+        model = AutoModelForCausalLM.from_pretrained(out)
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+        outputs.append(f"{recipe.stem}={out}")
+    # the table script of the quickstart, with the merges as extra rows
+    args = [sys.executable, str(REPO / "examples" / "zoo_table.py"), str(zoo_dir), "--limit", "5"]
+    for item in outputs:
+        args += ["--model", item]
+    table = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    assert "| expert:add |" in table and all(f"| {o.split('=')[0]} |" in table for o in outputs)
+
+
+@pytest.mark.parametrize("job", SEARCH_JOBS, ids=[j.name for j in SEARCH_JOBS])
+def test_search_jobs_validate_against_the_zoo(tmp_path: Path, zoo_dir: Path, job: Path) -> None:
+    folder = place([job], "search", tmp_path, zoo_dir)
+    loaded = load_job(folder / job.name)
+    assert loaded.dimensions and loaded.spec.optimizer.budget > 0
