@@ -70,7 +70,7 @@ def test_member_training_is_deterministic(zoo_dir, tmp_path):
     shutil.copytree(zoo_dir / "base", copy / "base")
     shutil.copytree(zoo_dir / "tasks" / "shift", copy / "tasks" / "shift")
     plan = zoo_build.REDUCED
-    job = zoo_build.MemberJob(str(copy), "adapters", "shift", 0, plan.adapter, plan.lora_rank)
+    job = zoo_build.MemberJob(str(copy), "adapters", "shift", 0, plan.adapter, plan.lora_rank, replay=0.0)
     zoo_build.train_member(job)
     rel = "adapters/shift/adapter_model.safetensors"
     recorded = open_zoo(zoo_dir).manifest["files"][rel]["sha256"]

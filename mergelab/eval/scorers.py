@@ -1,8 +1,9 @@
 """Score a model held in memory on a task split: exact-match accuracy or answer NLL.
 
-Both work on any causal LM module that takes `input_ids`, `attention_mask` and `position_ids`
-and returns an object with `.logits` of shape (batch, time, vocab): a `transformers` model, a
-PEFT model, or a test double. Nothing is read from disk and the model is not copied.
+Both work on any causal LM module called as `model(input_ids=, attention_mask=, position_ids=,
+past_key_values=, use_cache=)` that returns an object with `.logits` (batch, time, vocab) and,
+optionally, `.past_key_values` (used when present): a `transformers` model, a PEFT model, or
+a test double. Nothing is read from disk and the model is not copied.
 
 - `accuracy`: greedy decoding, batched with left padding; an answer is right when the decoded
   text up to `<eos>` equals the expected answer exactly.

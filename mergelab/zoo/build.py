@@ -34,7 +34,7 @@ import peft
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from mergelab.errors import OutputError
 from mergelab.eval.data import Example, read_jsonl, write_jsonl
@@ -61,20 +61,22 @@ class BuildPlan:
     expert: TrainSpec
     adapter: TrainSpec
     lora_rank: int = 8
+    replay: float = 0.3  # share of expert batches drawn from the base's mixture, against forgetting
 
 
 FULL = BuildPlan(
     arch=Arch(hidden_size=96, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4),
-    base=TrainSpec(steps=600, lr=3e-3),
+    base=TrainSpec(steps=600, lr=3e-3, answer_only=False),
     expert=TrainSpec(steps=400, lr=2e-3),
     adapter=TrainSpec(steps=250, lr=5e-3),
 )
 # For the test suite: a smaller model and shorter runs, same layout and members.
 REDUCED = BuildPlan(
     arch=Arch(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4),
-    base=TrainSpec(steps=400, lr=3e-3),
+    base=TrainSpec(steps=400, lr=3e-3, answer_only=False),
     expert=TrainSpec(steps=300, lr=3e-3),
     adapter=TrainSpec(steps=100, lr=1e-2),
+    replay=0.0,  # too few steps to learn `add` with replay in the batches
 )
 
 
@@ -88,6 +90,7 @@ class MemberJob:
     seed: int  # the zoo's seed; the member's own seed derives from it and the member's name
     spec: TrainSpec
     lora_rank: int
+    replay: float  # share of batches drawn from every skill's training data (the base's mixture)
 
     @property
     def name(self) -> str:
@@ -178,8 +181,8 @@ def _build_into(root: Path, seed: int, plan: BuildPlan, reduced: bool, workers: 
     log.info("trained base: loss %.3f in %.1f s", losses["base"], time.perf_counter() - start)
     _save_model(base, tokenizer, root / "base")
     # 3) experts (full fine-tunes) and LoRA adapters, each from the saved base
-    jobs = [MemberJob(str(root), "experts", skill, seed, plan.expert, plan.lora_rank) for skill in EXPERTS]
-    jobs += [MemberJob(str(root), "adapters", skill, seed, plan.adapter, plan.lora_rank) for skill in ADAPTERS]
+    jobs = [MemberJob(str(root), "experts", skill, seed, plan.expert, plan.lora_rank, plan.replay) for skill in EXPERTS]
+    jobs += [MemberJob(str(root), "adapters", skill, seed, plan.adapter, plan.lora_rank, 0.0) for skill in ADAPTERS]
     losses.update(_run_jobs(jobs, workers))
     return {
         "format": FORMAT,
@@ -226,19 +229,30 @@ def train_member(job: MemberJob) -> tuple[str, float, float]:
     """
     start = time.perf_counter()
     root = Path(job.root)
-    tokenizer = AutoTokenizer.from_pretrained(root / "base")
-    examples = read_jsonl(root / "tasks" / job.skill / "train.jsonl")
+    tokenizer = build_tokenizer()  # the base's; built afresh, so the saved copies do not vary
+    examples, weights = _with_replay(root / "tasks", job.skill, job.replay)
     seed = member_seed(job.seed, job.name)
     with deterministic():
         model = LlamaForCausalLM.from_pretrained(root / "base").eval()
         if job.kind == "adapters":
             model = with_lora(model, job.lora_rank, seed)
-        loss = train(model, tokenizer, examples, job.spec, seed, desc=job.name, progress=False)
+        loss = train(model, tokenizer, examples, job.spec, seed, desc=job.name, progress=False, weights=weights)
     if job.kind == "adapters":
         _save_adapter(model, root / job.name)
     else:
         _save_model(model, tokenizer, root / job.name)
     return job.name, loss, time.perf_counter() - start
+
+
+def _with_replay(tasks: Path, skill: str, replay: float) -> tuple[list[Example], list[float] | None]:
+    """The skill's training examples, plus (when `replay` > 0) every skill's, weighted so that a
+    `replay` share of each batch comes from the whole mixture."""
+    own = list(read_jsonl(tasks / skill / "train.jsonl"))
+    if replay <= 0:
+        return own, None
+    mixture = [e for name in SKILLS for e in read_jsonl(tasks / name / "train.jsonl")]
+    weights = [(1 - replay) / len(own)] * len(own) + [replay / len(mixture)] * len(mixture)
+    return own + mixture, weights
 
 
 def _write_tasks(tasks: Path, seed: int) -> dict[str, list[Example]]:
@@ -273,8 +287,11 @@ def _save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, fold
 
 def _save_adapter(model: peft.PeftModel, folder: Path) -> None:
     """A PEFT adapter folder whose base is named relative to it (`../../base`), so the zoo can move."""
-    model.peft_config["default"].base_model_name_or_path = "../../base"
-    model.save_pretrained(folder)
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = "../../base"
+    config.target_modules = sorted(config.target_modules)  # a set: its order would vary run to run
+    model.save_pretrained(folder, save_embedding_layers=False)  # LoRA weights only; vocabulary unchanged
+    (folder / "README.md").unlink(missing_ok=True)  # PEFT's blank model card, naming the build's temp path
 
 
 def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
