@@ -134,9 +134,14 @@ def test_half_built_zoo_is_rebuilt(tmp_path, stub_build):
     assert (out / "base" / "model.safetensors").read_bytes() == b"weights"
     build_zoo(out, reduced=True)  # complete now: reused
     assert len(stub_build) == 1
-    (out / "base" / "model.safetensors").unlink()  # a listed file went missing: rebuilt
+    (out / "base" / "model.safetensors").write_bytes(b"trunc")  # a listed file was cut short: rebuilt
     build_zoo(out, reduced=True)
     assert len(stub_build) == 2
+    (out / "base" / "model.safetensors").unlink()  # a listed file went missing: rebuilt
+    build_zoo(out, reduced=True)
+    assert len(stub_build) == 3
+    with pytest.raises(OutputError, match="seed=0 reduced=True"):  # other settings: not replaced
+        build_zoo(out, seed=0, reduced=False)
 
 
 def test_refuses_to_replace_a_foreign_folder(tmp_path, stub_build):

@@ -17,6 +17,7 @@ processes share the experts and adapters.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,13 +29,14 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import peft
 import torch
 import transformers
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from mergelab.errors import OutputError
 from mergelab.eval.data import Example, read_jsonl, write_jsonl
@@ -114,7 +116,7 @@ def build_zoo(
     if _is_complete(out, seed, reduced):
         log.info("reusing the complete zoo in %s", out)
         return out
-    _check_replaceable(out, overwrite)
+    _check_replaceable(out, seed, reduced, overwrite)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         log.info("removing the half-built %s", partial)
@@ -150,12 +152,12 @@ def _is_complete(out: Path, seed: int, reduced: bool) -> bool:
     )
 
 
-def _check_replaceable(out: Path, overwrite: bool) -> None:
-    """Refuse to replace a folder that is not a zoo, or a complete zoo built with other settings."""
+def _check_replaceable(out: Path, seed: int, reduced: bool, overwrite: bool) -> None:
+    """Refuse to replace a folder that is not a zoo, or a zoo built with other settings."""
     if not out.exists() or overwrite:
         return
     manifest = read_manifest(out)
-    if manifest is not None and all((out / rel).is_file() for rel in manifest.get("files", {})):
+    if manifest is not None and (manifest.get("seed"), manifest.get("reduced")) != (seed, reduced):
         raise OutputError(
             f"{out}: holds a zoo built with seed={manifest.get('seed')} reduced={manifest.get('reduced')}; "
             "pass overwrite=True (--overwrite) or choose another folder"
@@ -232,7 +234,7 @@ def train_member(job: MemberJob) -> tuple[str, float, float]:
     tokenizer = build_tokenizer()  # the base's; built afresh, so the saved copies do not vary
     examples, weights = _with_replay(root / "tasks", job.skill, job.replay)
     seed = member_seed(job.seed, job.name)
-    with deterministic():
+    with deterministic(), _no_transformers_bars():
         model = LlamaForCausalLM.from_pretrained(root / "base").eval()
         if job.kind == "adapters":
             model = with_lora(model, job.lora_rank, seed)
@@ -278,10 +280,23 @@ def _generation_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
     )
 
 
+@contextlib.contextmanager
+def _no_transformers_bars() -> Iterator[None]:
+    """Hide transformers' per-save progress bar (one bar per tiny shard is noise)."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """A self-contained HF model folder: safetensors weights, config, generation config, tokenizer."""
     model.generation_config = _generation_config(tokenizer)
-    model.save_pretrained(folder)
+    with _no_transformers_bars():
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 

@@ -1,12 +1,13 @@
 """The zoo's synthetic skills: each one a seeded generator of short `(prompt, answer)` pairs.
 
-The skills differ in kind (arithmetic, string transformation, sorting, in-context lookup,
-counting), so that experts trained on one are worse at the others and merging has work to do.
+The skills differ in kind (arithmetic, string transformation, sorting, character mapping,
+positional lookup, counting), so that a model tuned on one is worse at the others and merging
+has work to do.
 `revshift` (reverse, then shift) is the held-out skill: no expert or adapter is trained on it,
 but it composes two pooled skills (`reverse`, `shift`), so LoraHub has something to combine.
 
-Every prompt starts with the skill's name and ends with `=`; the answer follows it directly.
-All text uses the alphabet of `mergelab.zoo.tokenizer`: lowercase letters, digits, ` +,=?`.
+Every prompt starts with a word naming the skill and ends with `=`; the answer follows it
+directly. All text uses the alphabet of `mergelab.zoo.tokenizer` (lowercase letters, digits, ` +=`).
 """
 
 from __future__ import annotations
