@@ -68,9 +68,9 @@ def test_member_training_is_deterministic(zoo_dir, tmp_path):
     # Retrain one adapter from the saved base, exactly as the build did, and compare bytes.
     copy = tmp_path / "zoo"
     shutil.copytree(zoo_dir / "base", copy / "base")
-    shutil.copytree(zoo_dir / "tasks" / "shift", copy / "tasks" / "shift")
+    shutil.copytree(zoo_dir / "tasks", copy / "tasks")
     plan = zoo_build.REDUCED
-    job = zoo_build.MemberJob(str(copy), "adapters", "shift", 0, plan.adapter, plan.lora_rank, replay=0.0)
+    job = zoo_build.MemberJob(str(copy), "adapters", "shift", 0, plan.adapter, plan.lora_rank, plan.adapter_replay)
     zoo_build.train_member(job)
     rel = "adapters/shift/adapter_model.safetensors"
     recorded = open_zoo(zoo_dir).manifest["files"][rel]["sha256"]

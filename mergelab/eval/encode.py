@@ -39,15 +39,14 @@ def encode_teacher_forced(tokenizer: PreTrainedTokenizerBase, examples: Sequence
     pad, eos = special_ids(tokenizer)
     prompts = tokenizer([e.prompt for e in examples])["input_ids"]
     answers = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
-    width = max(len(p) + len(a) + 1 for p, a in zip(prompts, answers))
-    ids = torch.full((len(examples), width), pad, dtype=torch.long)  # (batch, time)
-    attention = torch.zeros_like(ids)
-    answer_mask = torch.zeros_like(ids, dtype=torch.bool)
-    for row, (p, a) in enumerate(zip(prompts, answers)):
-        seq = [*p, *a, eos]
-        ids[row, : len(seq)] = torch.tensor(seq)
-        attention[row, : len(seq)] = 1
-        answer_mask[row, len(p) : len(seq)] = True
+    seqs = [[*p, *a, eos] for p, a in zip(prompts, answers)]
+    width = max(len(seq) for seq in seqs)
+    ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in seqs])  # (batch, time)
+    positions = torch.arange(width)  # (time,)
+    lengths = torch.tensor([len(seq) for seq in seqs])[:, None]  # (batch, 1)
+    starts = torch.tensor([len(p) for p in prompts])[:, None]  # (batch, 1): first answer position
+    attention = (positions < lengths).long()
+    answer_mask = (positions >= starts) & (positions < lengths)
     return TeacherForced(ids, attention, answer_mask)
 
 

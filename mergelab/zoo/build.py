@@ -63,7 +63,10 @@ class BuildPlan:
     expert: TrainSpec
     adapter: TrainSpec
     lora_rank: int = 8
-    replay: float = 0.3  # share of expert batches drawn from the base's mixture, against forgetting
+    # Share of each batch drawn from the base's whole mixture while tuning a member: less
+    # forgetting of the other skills, so members stay composable (merges, LoraHub).
+    expert_replay: float = 0.3
+    adapter_replay: float = 0.3
 
 
 FULL = BuildPlan(
@@ -78,7 +81,7 @@ REDUCED = BuildPlan(
     base=TrainSpec(steps=400, lr=3e-3, answer_only=False),
     expert=TrainSpec(steps=300, lr=3e-3),
     adapter=TrainSpec(steps=100, lr=1e-2),
-    replay=0.0,  # too few steps to learn `add` with replay in the batches
+    expert_replay=0.0,  # too few steps to learn `add` with replay in the batches
 )
 
 
@@ -183,8 +186,8 @@ def _build_into(root: Path, seed: int, plan: BuildPlan, reduced: bool, workers: 
     log.info("trained base: loss %.3f in %.1f s", losses["base"], time.perf_counter() - start)
     _save_model(base, tokenizer, root / "base")
     # 3) experts (full fine-tunes) and LoRA adapters, each from the saved base
-    jobs = [MemberJob(str(root), "experts", skill, seed, plan.expert, plan.lora_rank, plan.replay) for skill in EXPERTS]
-    jobs += [MemberJob(str(root), "adapters", skill, seed, plan.adapter, plan.lora_rank, 0.0) for skill in ADAPTERS]
+    jobs = [MemberJob(str(root), "experts", s, seed, plan.expert, plan.lora_rank, plan.expert_replay) for s in EXPERTS]
+    jobs += [MemberJob(str(root), "adapters", s, seed, plan.adapter, plan.lora_rank, plan.adapter_replay) for s in ADAPTERS]
     losses.update(_run_jobs(jobs, workers))
     return {
         "format": FORMAT,
