@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergelab.errors import RecipeError
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 class Conditional(BaseModel):
@@ -108,8 +107,7 @@ class Recipe(_Strict):
 
     def resolve(self, path: str) -> Path:
         """A model path from the recipe: `~` expanded, relative ones against the recipe's folder."""
-        p = Path(os.path.expanduser(path))
-        return p if p.is_absolute() else (self.root / p).resolve()
+        return resolve_path(self.root, path)
 
     def ref(self, model: str, adapter: str | None = None) -> ModelRef:
         """The model a recipe entry names: `model` (maybe `base+adapter`) plus its `adapter:` key."""
@@ -188,24 +186,33 @@ def parse_recipe(data: dict, root: Path, label: str) -> Recipe:
     try:
         recipe = Recipe.model_validate({**data, "root": root})
     except ValidationError as exc:
-        raise RecipeError(f"{label}: {_describe(exc)}") from None
+        top_keys = tuple(k for k in Recipe.model_fields if k != "root")
+        raise RecipeError(f"{label}: {describe_validation_error(exc, top_keys)}") from None
     _check_structure(recipe, label)
     return recipe
 
 
-def _describe(exc: ValidationError) -> str:
-    """The first pydantic error as `key.path: message`."""
+def resolve_path(root: Path, path: str) -> Path:
+    """`~` expanded; a relative path is taken against `root` (the YAML file's folder)."""
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else (root / p).resolve()
+
+
+def describe_validation_error(exc: ValidationError, top_keys: tuple[str, ...] = ()) -> str:
+    """The first pydantic error as `key.path[i]: message`; an unknown top-level key lists `top_keys`."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("list[", "function-", "tuple[")))
+    # pydantic puts union/validator branch names in `loc`; they are not keys the user wrote
+    keys = [p for p in err["loc"] if not str(p).startswith(("list[", "function-", "tuple[", "dict[", "str", "float", "int", "bool", "none"))]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in keys).lstrip(".")
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-        if err["loc"] and err["loc"][0] != "parameters":
-            msg += " (allowed: " + ", ".join(k for k in Recipe.model_fields if k != "root") + ")" if len(err["loc"]) == 1 else ""
+        if len(err["loc"]) == 1 and top_keys:
+            msg += f" (allowed: {', '.join(top_keys)})"
     elif err["type"] == "missing":
         msg = "required key is missing"
     elif err["type"] == "literal_error":
-        msg = f"must be one of {', '.join(DTYPES)}"
+        msg = f"must be one of {err['ctx']['expected']}"
     return f"{loc}: {msg}" if loc else msg
 
 

@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mergelab.errors import RecipeError
 from mergelab.methods import get_method
 from mergelab.methods.base import REQUIRED, MergeMethod, Param
-from mergelab.recipe import Conditional, Recipe, Setting, evaluate, load_recipe, parse_recipe
+from mergelab.recipe import (Conditional, Recipe, Setting, describe_validation_error, evaluate, load_recipe, parse_recipe,
+                             resolve_path)
 
 GLOBAL = "global"
 SPLIT_RE = re.compile(r"^(\w+)(?:\[(\d*):(\d*)\])?$")
@@ -163,7 +164,7 @@ def parse_job(data: dict, root: Path, label: str, path: Path | None = None) -> J
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{label}: {_describe(exc)}") from None
+        raise RecipeError(f"{label}: {describe_validation_error(exc)}") from None
     template = _template(spec.recipe, root, label)
     if template.models is None:
         raise RecipeError(f"{label}: recipe: the search supports `models:` templates; `slices:` is not supported yet")
@@ -173,31 +174,16 @@ def parse_job(data: dict, root: Path, label: str, path: Path | None = None) -> J
     _check_optimizer(spec.optimizer, label)
     _check_device(spec.workers, label)
     splits = _splits(spec.splits, label)
-    tasks = _resolve(root, spec.fitness.tasks)
+    tasks = resolve_path(root, spec.fitness.tasks)
     _check_fitness(spec.fitness, tasks, splits, label)
     experts = _experts(spec.fitness, template, root, label)
     return Job(path or root / "job.yaml", spec, template, dims, methods, tasks, experts, splits)
 
 
-def _describe(exc: ValidationError) -> str:
-    """The first pydantic error as `key.path: message`."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]
-                   if not str(p).startswith(("list[", "function-", "tuple[", "dict[", "str", "float", "int", "none")))
-    loc = loc.replace(".[", "[")
-    msg = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(err["type"], err["msg"])
-    return f"{loc}: {msg}" if loc else msg
-
-
-def _resolve(root: Path, path: str) -> Path:
-    p = Path(os.path.expanduser(path))
-    return p if p.is_absolute() else (root / p).resolve()
-
-
 def _template(source: str | dict, root: Path, label: str) -> Recipe:
     """The recipe template: a path (relative to the job) or inline (paths relative to the job)."""
     if isinstance(source, str):
-        return load_recipe(_resolve(root, source))
+        return load_recipe(resolve_path(root, source))
     return parse_recipe(source, root, f"{label}: recipe")
 
 
@@ -248,7 +234,7 @@ def _model_index(name: str, template: Recipe, root: Path, where: str) -> int | N
         if m.model == name:
             return i
     for i, m in enumerate(models):
-        if template.ref(m.model, m.adapter).path == _resolve(root, name):
+        if template.ref(m.model, m.adapter).path == resolve_path(root, name):
             return i
     known = ", ".join(m.model for m in models)
     raise RecipeError(f"{where}: '{name}' is not a model of the recipe (its models: {known}; or '{GLOBAL}')")
@@ -371,7 +357,7 @@ def _experts(fit: FitnessSpec, template: Recipe, root: Path, label: str) -> tupl
     out: list[Path | None] = []
     by_name = {template.ref(m.model, m.adapter).path.name: template.ref(m.model, m.adapter).path for m in template.models or []}
     for i, term in enumerate(fit.terms):
-        path = _resolve(root, term.expert) if term.expert else by_name.get(term.task)
+        path = resolve_path(root, term.expert) if term.expert else by_name.get(term.task)
         if term.expert and not path.is_dir():
             raise RecipeError(f"{label}: fitness.terms[{i}].expert: {path}: folder not found")
         if path is None and normalize_of(fit) == "experts":
