@@ -167,7 +167,47 @@ def _run_extract_lora(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_merge, _add_zoo, _add_eval, _add_lora, _add_extract_lora)
+# ---------------------------------------------------------------- search
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="evolve a merge recipe (search/*.yaml job), or `search report RUN`",
+                       description="mergelab search JOB.yaml [--out RUN] [--resume] ...  |  mergelab search report RUN")
+    p.add_argument("job", help="search job YAML file, or the word `report` followed by a run folder")
+    p.add_argument("run", nargs="?", help="with `report`: the run folder to plot and summarise")
+    p.add_argument("--out", default=None, help="run folder (default runs/<job name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out: told trials are replayed, not re-evaluated")
+    p.add_argument("--workers", type=int, default=None, help="number of workers (default the job's workers.count)")
+    p.add_argument("--device", default=None, help="torch device of each worker (default the job's workers.device)")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default $RAY_ADDRESS; none: local)")
+    p.set_defaults(func=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mergelab.errors import RecipeError
+
+    if args.job == "report":
+        from mergelab.evolve.report import write_report
+
+        if args.run is None:
+            raise RecipeError("search report: give the run folder: mergelab search report RUN")
+        for path in write_report(args.run):
+            print(path)
+        return 0
+    if args.run is not None:
+        raise RecipeError(f"search: unexpected argument {args.run!r}; the run folder is given with --out")
+    from mergelab.evolve.job import load_job
+    from mergelab.evolve.loop import run_search
+
+    job = load_job(args.job)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
+    result = run_search(job, out, resume=args.resume, device=args.device, workers=args.workers, address=args.address,
+                        progress=not args.quiet)
+    print(result.best_yaml)
+    return 0
+
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_merge, _add_zoo, _add_eval, _add_lora, _add_extract_lora, _add_search)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,20 +40,19 @@ def test_search_improves_resumes_and_best_yaml_reproduces(tmp_path: Path, zoo_di
     assert len(lines) == 4 and {"genome", "values", "metrics", "loss", "seconds", "worker"} <= set(json.loads(lines[0]))
 
     # resume: the 4 told trials are replayed, only the 3 new ones are evaluated
-    evaluated: list[int] = []
-    original = loop.Evaluator.trial
-    monkeypatch.setattr(loop.Evaluator, "trial", lambda self, i, g: evaluated.append(i) or original(self, i, g))
+    evaluated: list[dict] = []
+    original = loop.SearchEvaluator.evaluate
+    monkeypatch.setattr(loop.SearchEvaluator, "evaluate", lambda self, g: evaluated.append(g) or original(self, g))
     job = catalog_job(tmp_path, zoo_dir, 7)
     result = loop.run_search(job, run, resume=True, progress=False)
-    assert evaluated == [4, 5, 6]
+    assert len(evaluated) == 3 and [t.index for t in loop.read_trials(run)] == list(range(7))
     assert (run / loop.TRIALS).read_text().splitlines()[:4] == lines
     with pytest.raises(Exception, match="pass --resume"):
         loop.run_search(job, run, progress=False)
 
     # the search beat its start on the fitness split
-    evaluator = loop.Evaluator(job, loop.SearchSpace(job), "cpu")
-    start_metrics, _ = evaluator.score(evaluator.space.start(), "fitness")
-    start_loss = combine(job, start_metrics, evaluator.reference("fitness"))
+    evaluator = loop.SearchEvaluator(job, "cpu")
+    start_loss = combine(job, evaluator.score(evaluator.space.start(), "fitness"), evaluator.reference("fitness"))
     trials = loop.read_trials(run)
     assert min(t.loss for t in trials) < start_loss
     assert first.best_yaml == result.best_yaml and set(result.report) >= {"best", "start"}
@@ -63,3 +62,45 @@ def test_search_improves_resumes_and_best_yaml_reproduces(tmp_path: Path, zoo_di
     written = load_state(merge(result.best_yaml, tmp_path / "best_out", progress=False))
     state = evaluator.live.state()
     assert set(written) == set(state) and all(torch.equal(state[k], v) for k, v in written.items())
+
+
+def test_failed_and_nan_candidates_are_scored_worst_and_logged(tmp_path: Path, zoo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = loop.SearchEvaluator.score_timed
+    calls = {"n": 0}
+
+    def flaky(self, genome, use):
+        calls["n"] += 1
+        if use == "fitness" and calls["n"] == 2:
+            raise RuntimeError("boom: out of memory")
+        metrics, seconds = original(self, genome, use)
+        if use == "fitness" and calls["n"] == 3:
+            metrics = {k: float("nan") for k in metrics}
+        return metrics, seconds
+
+    monkeypatch.setattr(loop.SearchEvaluator, "score_timed", flaky)
+    loop.run_search(catalog_job(tmp_path, zoo_dir, 4), tmp_path / "run", progress=False)
+    trials = loop.read_trials(tmp_path / "run")
+    assert [t.error for t in trials][1:3] == ["RuntimeError: boom: out of memory", "fitness is NaN"]
+    assert [t.loss for t in trials][1:3] == [loop.WORST, loop.WORST] and trials[0].error is None
+
+
+def test_cli_search_with_two_ray_workers_then_report(tmp_path: Path, zoo_dir: Path) -> None:
+    """`mergelab search JOB --workers 2` (Ray, 2 local CPUs) and `mergelab search report RUN`."""
+    import ray
+
+    from mergelab.cli import main
+
+    job = catalog_job(tmp_path, zoo_dir, 6)
+    run = tmp_path / "run2"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main(["-q", "search", str(job.path), "--out", str(run), "--workers", "2"]) == 0
+    finally:
+        ray.shutdown()
+    trials = loop.read_trials(run)
+    assert sorted(t.index for t in trials) == list(range(6)) and len({t.worker for t in trials}) == 2
+    assert (run / loop.BEST).is_file() and json.loads((run / "report.json").read_text())["best"]
+    assert main(["-q", "search", "report", str(run)]) == 0
+    assert (run / "fitness.png").read_bytes()[:4] == b"\x89PNG"
+    md = (run / "report.md").read_text()
+    assert "6 trials, 0 failed, on 2 worker(s)" in md and "| best |" in md and "| start |" in md

@@ -138,10 +138,6 @@ class Job:
     experts: tuple[Path | None, ...]  # per fitness term, the model it is normalised by
     splits: dict[str, SplitRange]
 
-    @property
-    def run_dir_default(self) -> Path:
-        return self.path.with_suffix("")
-
 
 # ---------------------------------------------------------------- loading
 def load_job(path: str | os.PathLike[str]) -> Job:

@@ -1,12 +1,16 @@
-"""The ask/tell loop, local and single process: the driver of `mergelab search` before Ray.
+"""The driver of `mergelab search`: nevergrad ask/tell over a pool of workers.
 
     1) the job's space -> a nevergrad optimizer from its registry, seeded
     2) `--resume`: the trials in `trials.jsonl` are told again (none re-evaluated)
-    3) each candidate: genome -> recipe -> merged into the live model -> scored -> told, logged
+    3) each worker (`workers.WorkerPool`: in process, or a Ray actor) builds a `SearchEvaluator`
+       once; each candidate: genome -> recipe -> merged into the worker's live model -> scored ->
+       told as soon as it is back, appended to `trials.jsonl`
     4) the top candidates are re-scored on the select split; the best becomes `best.yaml`
     5) its report-split scores are logged beside those of each source model and of the start
+       (`report.json`)
 
-A candidate whose merge raises (a `MergelabError`) or whose loss is NaN gets the worst loss.
+A candidate whose merge raises or whose fitness is NaN gets the worst loss and is logged with
+its error; the search goes on.
 """
 
 from __future__ import annotations
@@ -16,10 +20,9 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from mergelab.errors import MergelabError, OutputError
 from mergelab.eval import load_model, load_tokenizer
@@ -27,6 +30,7 @@ from mergelab.evolve.fitness import Metrics, combine, measure, needs_reference, 
 from mergelab.evolve.job import Job
 from mergelab.evolve.live import LiveMerger
 from mergelab.evolve.space import Genome, SearchSpace
+from mergelab.evolve.workers import Done, WorkerPool, ask_tell
 
 log = logging.getLogger(__name__)
 
@@ -57,50 +61,61 @@ class SearchResult:
     report: dict[str, Metrics] = field(default_factory=dict)  # who -> report-split scores
 
 
-class Evaluator:
-    """The live model plus the fitness data and references of each split use."""
+class SearchEvaluator:
+    """What each worker holds: the live model, the fitness data of each split use, the references.
 
-    def __init__(self, job: Job, space: SearchSpace, device: str) -> None:
-        self.job, self.space = job, space
-        self.live = LiveMerger(space.to_recipe(space.start()), device)
+    Built once per worker by `functools.partial(SearchEvaluator, job, device)`; `evaluate` scores
+    one candidate on the fitness split and never raises (a failure is a result with `error`)."""
+
+    def __init__(self, job: Job, device: str) -> None:
+        self.job = job
+        self.space = SearchSpace(job)
+        self.live = LiveMerger(self.space.to_recipe(self.space.start()), device)
         self.tokenizer = load_tokenizer(self.live.plan.tokenizer_dir)
         self._terms = {use: term_data(job, use) for use in ("fitness", "select", "report")}
-        self._refs: dict[str, Metrics | None] = {}
 
-    def reference(self, use: str) -> Metrics | None:
-        """What the split's scores are divided by: the experts', the start recipe's, or nothing."""
-        if use not in self._refs:
-            kind = needs_reference(self.job)
-            self._refs[use] = None if kind == "none" else (self._experts(use) if kind == "experts" else self.score(self.space.start(), use)[0])
-        return self._refs[use]
+    def evaluate(self, genome: Genome) -> dict[str, Any]:
+        """{"metrics", "seconds", "error"} of one candidate on the fitness split."""
+        try:
+            metrics, seconds = self.score_timed(genome, "fitness")
+        except Exception as exc:  # noqa: BLE001 - any failed candidate is scored worst, the search goes on
+            log.debug("candidate failed", exc_info=True)
+            return {"metrics": {}, "seconds": {}, "error": f"{type(exc).__name__}: {exc}"}
+        return {"metrics": metrics, "seconds": seconds, "error": None}
 
-    def _experts(self, use: str) -> Metrics:
-        out: Metrics = {}
-        for term, expert in zip(self._terms[use], self.job.experts):
-            model, tok = load_model(expert)
-            out.update(measure(model, tok, [term]))
-        return out
-
-    def score(self, genome: Genome, use: str) -> tuple[Metrics, dict[str, float]]:
+    def score_timed(self, genome: Genome, use: str) -> tuple[Metrics, dict[str, float]]:
         """Merge `genome` into the live model and score it on split `use`; metrics and seconds."""
         timing = self.live.set_recipe(self.space.to_recipe(genome))
         start = time.perf_counter()
         metrics = measure(self.live.model, self.tokenizer, self._terms[use])
         return metrics, {"merge": timing.merge, "load": timing.load, "eval": time.perf_counter() - start}
 
-    def trial(self, index: int, genome: Genome) -> Trial:
-        """Score one candidate on the fitness split; failures get the worst loss."""
-        values = _values(self.space, genome)
-        try:
-            metrics, seconds = self.score(genome, "fitness")
-            loss = combine(self.job, metrics, self.reference("fitness"))
-        except MergelabError as exc:
-            log.warning("trial %d: merge failed (%s); scored worst", index, exc)
-            return Trial(index, genome, values, {}, WORST, {}, error=str(exc))
-        if math.isnan(loss):
-            log.warning("trial %d: fitness is NaN (%s); scored worst", index, metrics)
-            return Trial(index, genome, values, metrics, WORST, seconds, error="fitness is NaN")
-        return Trial(index, genome, values, metrics, loss, seconds)
+    def score(self, genome: Genome, use: str) -> Metrics:
+        return self.score_timed(genome, use)[0]
+
+    def reference(self, use: str) -> Metrics | None:
+        """What the split's scores are divided by: the experts', the start recipe's, or nothing."""
+        kind = needs_reference(self.job)
+        if kind == "none":
+            return None
+        if kind == "start":
+            return self.score(self.space.start(), use)
+        out: Metrics = {}
+        for term, expert in zip(self._terms[use], self.job.experts):
+            model, tok = load_model(expert)
+            out.update(measure(model, tok, [term]))
+        return out
+
+    def source_scores(self, use: str) -> dict[str, Metrics]:
+        """Each model of the recipe (base, experts, adapted bases) scored on split `use`."""
+        out: dict[str, Metrics] = {}
+        for ref in dict.fromkeys(self.live.plan.model_keys):
+            model, tok = load_model(ref.path if ref.adapter is None else ref.adapter)
+            out[str(ref)] = measure(model, tok, self._terms[use])
+        return out
+
+    def close(self) -> None:
+        self.live.close()
 
 
 def _values(space: SearchSpace, genome: Genome) -> dict[str, Any]:
@@ -125,8 +140,10 @@ def append_trial(run_dir: Path, trial: Trial) -> None:
 
 # ---------------------------------------------------------------- the loop
 def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: str | None = None,
-               progress: bool = True) -> SearchResult:
-    """Run the search of `job` in `run_dir` (created); returns the best trial and `best.yaml`."""
+               workers: int | None = None, address: str | None = None, progress: bool = True) -> SearchResult:
+    """Run the search of `job` in `run_dir` (created); returns the best trial and `best.yaml`.
+
+    `device`, `workers` and `address` override the job's `workers:` settings."""
     import nevergrad as ng
 
     run_dir = Path(run_dir)
@@ -135,40 +152,56 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
     if told and not resume:
         raise OutputError(f"{run_dir / TRIALS}: already holds {len(told)} trials; pass --resume to continue, or another run folder")
     space = SearchSpace(job)
-    opt = job.spec.optimizer
-    optimizer = ng.optimizers.registry[opt.name](parametrization=space.parametrization(seed=opt.seed), budget=opt.budget, num_workers=1)
+    opt, spec = job.spec.optimizer, job.spec.workers
+    count = workers or spec.count
+    optimizer = ng.optimizers.registry[opt.name](parametrization=space.parametrization(seed=opt.seed), budget=opt.budget,
+                                                 num_workers=count)
     for t in told:  # 2) replay, nothing re-evaluated
         optimizer.tell(optimizer.parametrization.spawn_child(new_value=space.to_ng(t.genome)), t.loss)
-    evaluator = Evaluator(job, space, device or job.spec.workers.device)
+    device = device or spec.device
     trials = list(told)
-    bar = tqdm(total=opt.budget, initial=len(told), disable=not progress, desc="search", unit="candidate")
-    try:
-        for index in range(len(told), opt.budget):  # 3) ask, evaluate, tell
-            candidate = optimizer.ask()
-            trial = evaluator.trial(index, space.from_ng(candidate.value))
-            optimizer.tell(candidate, trial.loss)
-            append_trial(run_dir, trial)
-            trials.append(trial)
-            bar.set_postfix_str(f"best {min(t.loss for t in trials):.4g}", refresh=False)
-            bar.update(1)
-    finally:
-        bar.close()
-    return _finish(job, space, evaluator, trials, run_dir)
+
+    def record(done: Done, loss: float) -> None:
+        trial = _trial(space, done, loss)
+        append_trial(run_dir, trial)
+        trials.append(trial)
+
+    with WorkerPool(partial(SearchEvaluator, job, device), count, device=device, address=address or spec.address) as pool:
+        reference = pool.call("reference", "fitness")
+        ask_tell(optimizer, pool, budget=max(0, opt.budget - len(told)), total=opt.budget, progress=progress,
+                 first_index=max((t.index for t in told), default=-1) + 1, decode=space.from_ng,
+                 loss_of=lambda done: _loss(job, done.result, reference)[0], on_result=record)
+        return _finish(job, space, pool, trials, run_dir)
 
 
-def _finish(job: Job, space: SearchSpace, evaluator: Evaluator, trials: list[Trial], run_dir: Path) -> SearchResult:
+def _loss(job: Job, result: dict[str, Any], reference: Metrics | None) -> tuple[float, str | None]:
+    """The loss told for a result and why it is the worst, if it is: a failed merge or a NaN fitness."""
+    if result["error"] is not None:
+        return WORST, result["error"]
+    loss = combine(job, result["metrics"], reference)
+    return (WORST, "fitness is NaN") if math.isnan(loss) else (loss, None)
+
+
+def _trial(space: SearchSpace, done: Done, loss: float) -> Trial:
+    result = done.result
+    error = result["error"] if result["error"] is not None else ("fitness is NaN" if loss == WORST else None)
+    if error is not None:
+        log.warning("trial %d: %s; scored worst", done.index, error)
+    return Trial(done.index, done.genome, _values(space, done.genome), result["metrics"], loss, result["seconds"],
+                 done.worker, error)
+
+
+def _finish(job: Job, space: SearchSpace, pool: WorkerPool, trials: list[Trial], run_dir: Path) -> SearchResult:
     """4) re-score the top candidates on the select split; 5) report the best on the report split."""
     ok = sorted((t for t in trials if t.error is None), key=lambda t: t.loss)[:TOP_K]
     if not ok:
         raise MergelabError(f"{run_dir / TRIALS}: every candidate failed; see the log for why")
-    ref = evaluator.reference("select")
-    selected = min(ok, key=lambda t: combine(job, evaluator.score(t.genome, "select")[0], ref))
+    ref = pool.call("reference", "select")
+    selected = min(ok, key=lambda t: combine(job, pool.call("score", t.genome, "select"), ref))
     best_yaml = run_dir / BEST
     best_yaml.write_text(space.to_recipe(selected.genome).to_yaml(absolute_paths=True))
-    report = {"best": evaluator.score(selected.genome, "report")[0], "start": evaluator.score(space.start(), "report")[0]}
-    for term_model in dict.fromkeys(evaluator.live.plan.model_keys):
-        model, tok = load_model(term_model.path) if term_model.adapter is None else load_model(term_model.adapter)
-        report[str(term_model)] = measure(model, tok, term_data(job, "report"))
+    report = {"best": pool.call("score", selected.genome, "report"), "start": pool.call("score", space.start(), "report")}
+    report.update(pool.call("source_scores", "report"))
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     for who, metrics in report.items():
         log.info("report %-40s %s", who, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -1,0 +1,104 @@
+"""`mergelab search report RUN`: a run folder's trials as a plot and a markdown summary.
+
+    RUN/fitness.png   fitness of every trial (failed ones marked) and the best so far, per trial
+    RUN/report.md     the run in numbers: trials, failures, time per candidate split into merge,
+                      load and evaluate (medians), the best candidate's values, and the
+                      report-split scores of the best recipe beside the start recipe and each
+                      source model (from `report.json`, written when the search finished)
+
+Works on a run that is still going or was interrupted (no `report.json` yet): the table of
+scores is then left out.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from mergelab.errors import DataError
+from mergelab.evolve.loop import BEST, TRIALS, Trial, read_trials
+
+PLOT = "fitness.png"
+SUMMARY = "report.md"
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write `fitness.png` and `report.md` into the run folder; returns their paths."""
+    run_dir = Path(run_dir)
+    trials = read_trials(run_dir)
+    if not trials:
+        raise DataError(f"{run_dir / TRIALS}: no trials (is {run_dir} a search run folder?)")
+    trials.sort(key=lambda t: t.index)
+    report_json = run_dir / "report.json"
+    scores = json.loads(report_json.read_text()) if report_json.is_file() else None
+    plot = run_dir / PLOT
+    _plot(trials, plot, run_dir.name)
+    summary = run_dir / SUMMARY
+    summary.write_text(_markdown(run_dir, trials, scores))
+    return plot, summary
+
+
+def _plot(trials: list[Trial], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [t for t in trials if t.error is None]
+    failed = [t for t in trials if t.error is not None]
+    best, running = [], float("inf")
+    for t in trials:
+        running = min(running, t.loss) if t.error is None else running
+        best.append(running)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.scatter([t.index for t in ok], [t.loss for t in ok], s=12, alpha=0.6, label="trial")
+    ax.plot([t.index for t in trials], best, color="C3", drawstyle="steps-post", label="best so far")
+    if failed:
+        floor = max((t.loss for t in ok), default=0.0)
+        ax.scatter([t.index for t in failed], [floor] * len(failed), marker="x", color="k", label="failed (worst)")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("fitness loss (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _markdown(run_dir: Path, trials: list[Trial], scores: dict[str, dict[str, float]] | None) -> str:
+    ok = [t for t in trials if t.error is None]
+    lines = [f"# Search run `{run_dir.name}`", ""]
+    lines.append(f"{len(trials)} trials, {len(trials) - len(ok)} failed, on {len({t.worker for t in trials})} worker(s).")
+    if ok:
+        best = min(ok, key=lambda t: t.loss)
+        first = min(ok, key=lambda t: t.index)
+        lines.append(f"Best fitness loss {best.loss:.4g} (trial {best.index}); the first trial's {first.loss:.4g}.")
+        lines += ["", "Seconds per candidate (median): " + ", ".join(
+            f"{k} {statistics.median(t.seconds[k] for t in ok if k in t.seconds):.4f}" for k in ("merge", "load", "eval")
+            if any(k in t.seconds for t in ok))]
+        lines += ["", "## Best trial's values", "", "```json", json.dumps(best.values, indent=1), "```"]
+    if (run_dir / BEST).is_file():
+        lines += ["", f"The recipe selected on the select split: `{BEST}` (`mergelab merge {run_dir / BEST} OUT`)."]
+    if scores:
+        lines += ["", "## Report split", "", *_table(scores)]
+    errors = sorted({t.error for t in trials if t.error})
+    if errors:
+        lines += ["", "## Failures", ""] + [f"- {e}" for e in errors[:10]]
+    return "\n".join(lines) + "\n"
+
+
+def _table(scores: dict[str, dict[str, Any]]) -> list[str]:
+    """Rows: who (best, start, each source); columns: each metric, and their mean per metric kind."""
+    keys = list(next(iter(scores.values())))
+    kinds = sorted({k.split("/")[-1] for k in keys})
+    head = ["model", *keys, *(f"mean {k}" for k in kinds)]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for who, metrics in scores.items():
+        means = [statistics.mean(v for k, v in metrics.items() if k.endswith("/" + kind)) for kind in kinds]
+        cells = [who, *(f"{metrics.get(k, float('nan')):.4f}" for k in keys), *(f"{m:.4f}" for m in means)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+

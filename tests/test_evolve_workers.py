@@ -1,0 +1,112 @@
+"""The worker pool on a toy evaluator (no model): results as they arrive, the ask/tell loop,
+a killed actor's candidate re-run on another worker, an evaluator that cannot be built."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from mergelab.errors import RecipeError
+from mergelab.evolve.workers import LOCAL, WorkerPool, ask_tell
+
+
+class Toy:
+    """Loss (x - 0.3)^2 after `delay` seconds; with `die_on`, kills its own process on that x once."""
+
+    def __init__(self, delay: float = 0.0, die_on: float | None = None, marker: str | None = None, fail: bool = False) -> None:
+        if fail:
+            raise RecipeError("toy.yaml: models[0]: folder not found")
+        self.delay, self.die_on, self.marker = delay, die_on, marker
+
+    def evaluate(self, genome: dict) -> dict:
+        x = genome["x"]
+        if self.die_on is not None and x == self.die_on and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(self.delay)
+        return {"loss": (x - 0.3) ** 2, "pid": os.getpid()}
+
+    def double(self, v: float) -> float:
+        return 2 * v
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """Ray on this machine, 2 CPUs, no dashboard; the toy evaluator pickled by value."""
+    import cloudpickle
+    import ray
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _optimizer(budget: int, workers: int):
+    import nevergrad as ng
+
+    return ng.optimizers.registry["OnePlusOne"](parametrization=ng.p.Dict(x=ng.p.Scalar(init=0.0, lower=-1, upper=1)),
+                                                budget=budget, num_workers=workers)
+
+
+def _run(pool: WorkerPool, budget: int) -> list:
+    out: list = []
+    ask_tell(_optimizer(budget, pool.count), pool, budget=budget, decode=lambda v: {"x": float(v["x"])},
+             loss_of=lambda d: d.result["loss"], on_result=lambda d, loss: out.append((d, loss)), progress=False)
+    return out
+
+
+def test_local_pool_runs_in_process_and_improves() -> None:
+    with WorkerPool(Toy, 1) as pool:
+        assert pool.call("double", 2.0) == 4.0
+        done = _run(pool, 30)
+    assert [d.index for d, _ in done] == list(range(30))
+    assert {d.worker for d, _ in done} == {LOCAL} and {d.result["pid"] for d, _ in done} == {os.getpid()}
+    assert min(loss for _, loss in done) < 0.09 / 4  # from x = 0 (loss 0.09) towards 0.3
+
+
+def test_ray_pool_two_actors_share_the_work(ray_local) -> None:
+    with WorkerPool(partial(Toy, 0.05), 2) as pool:
+        done = _run(pool, 12)
+        assert pool.call("double", 1.5) == 3.0
+    assert sorted(d.index for d, _ in done) == list(range(12))
+    assert len({d.worker for d, _ in done}) == 2 and os.getpid() not in {d.result["pid"] for d, _ in done}
+
+
+def test_killed_actor_candidate_is_rerun_and_the_search_goes_on(ray_local, tmp_path: Path) -> None:
+    marker = tmp_path / "died"
+    with WorkerPool(partial(Toy, 0.05, 0.5, str(marker)), 2) as pool:
+        pool.submit(0, {"x": 0.5})  # kills its worker the first time
+        pool.submit(1, {"x": 0.1})
+        done = sorted([pool.next_done(), pool.next_done()], key=lambda d: d.index)
+        assert marker.exists() and [d.index for d in done] == [0, 1]
+        dead_pid = int(marker.read_text())
+        assert done[0].result["loss"] == pytest.approx(0.04) and done[0].result["pid"] != dead_pid
+        assert len(pool._backend.pids) == 3  # two started, one replacement
+        # and the ask/tell loop goes on on the replaced pool
+        out = _run(pool, 6)
+        assert len(out) == 6
+
+
+def test_killing_an_actor_from_outside(ray_local) -> None:
+    with WorkerPool(partial(Toy, 1.0), 2) as pool:
+        pids = dict(pool._backend.pids)
+        pool.submit(0, {"x": 0.2})
+        pool.submit(1, {"x": 0.4})
+        time.sleep(0.3)
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+        done = sorted([pool.next_done(), pool.next_done()], key=lambda d: d.index)
+    assert [d.index for d in done] == [0, 1] and [round(d.result["loss"], 6) for d in done] == [0.01, 0.01]
+
+
+def test_an_evaluator_that_cannot_be_built_fails_with_its_own_error(ray_local) -> None:
+    with pytest.raises(RecipeError, match="toy.yaml: models"):
+        WorkerPool(partial(Toy, fail=True), 2)
+    with pytest.raises(RecipeError, match="toy.yaml: models"):
+        WorkerPool(partial(Toy, fail=True), 1)
