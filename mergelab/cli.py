@@ -207,7 +207,30 @@ def _run_search(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_merge, _add_zoo, _add_eval, _add_lora, _add_extract_lora, _add_search)
+# ---------------------------------------------------------------- lorahub
+def _add_lorahub(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lorahub", help="compose a pool of LoRA adapters for a task from a few examples (LoraHub)")
+    p.add_argument("job", help="LoraHub job YAML file (search/lorahub_*.yaml)")
+    p.add_argument("out", help="output folder: the composed PEFT adapter, weights.json, steps.jsonl, report.json")
+    p.add_argument("--budget", type=int, default=None, help="number of weight vectors tried (default the job's optimizer.budget)")
+    p.add_argument("--workers", type=int, default=None, help="number of workers (default the job's workers.count)")
+    p.add_argument("--device", default=None, help="torch device of each worker (default the job's workers.device)")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default $RAY_ADDRESS; none: local)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_run_lorahub)
+
+
+def _run_lorahub(args: argparse.Namespace) -> int:
+    from mergelab.lora.hub import run_lorahub
+    from mergelab.lora.hub_job import load_hub_job
+
+    result = run_lorahub(load_hub_job(args.job), args.out, overwrite=args.overwrite, device=args.device,
+                         workers=args.workers, address=args.address, budget=args.budget, progress=not args.quiet)
+    print(result.out)
+    return 0
+
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_merge, _add_zoo, _add_eval, _add_lora, _add_extract_lora, _add_search, _add_lorahub)
 
 
 def build_parser() -> argparse.ArgumentParser:
