@@ -161,12 +161,18 @@ def load_recipe(source: str | os.PathLike[str] | dict | Recipe) -> Recipe:
     if isinstance(source, dict):
         return parse_recipe(source, Path.cwd(), "recipe")
     path = Path(source)
+    data = read_yaml_mapping(path, "recipe", "a recipe must be a YAML mapping with a 'merge_method' key")
+    return parse_recipe(data, path.resolve().parent, str(path))
+
+
+def read_yaml_mapping(path: Path, kind: str, shape: str) -> dict:
+    """The YAML mapping in `path` (a recipe or a job); one-line `RecipeError`s naming the file."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
+        raise RecipeError(f"{path}: {kind} file not found") from None
     except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        raise RecipeError(f"{path}: cannot read {kind} ({exc.strerror})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -175,8 +181,8 @@ def load_recipe(source: str | os.PathLike[str] | dict | Recipe) -> Recipe:
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping with a 'merge_method' key")
-    return parse_recipe(data, path.resolve().parent, str(path))
+        raise RecipeError(f"{path}: {shape}")
+    return data
 
 
 def parse_recipe(data: dict, root: Path, label: str) -> Recipe:

@@ -24,4 +24,4 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory):
 
     where = os.environ.get("MERGELAB_TEST_ZOO")
     target = where if where else tmp_path_factory.mktemp("zoo") / "zoo"
-    return build_zoo(target, seed=0, reduced=True)
+    return build_zoo(target, seed=0, reduced=True, overwrite=True)  # a stale cached zoo (older plan) is rebuilt

@@ -110,3 +110,17 @@ def test_an_evaluator_that_cannot_be_built_fails_with_its_own_error(ray_local) -
         WorkerPool(partial(Toy, fail=True), 2)
     with pytest.raises(RecipeError, match="toy.yaml: models"):
         WorkerPool(partial(Toy, fail=True), 1)
+
+
+def test_ngopt_runs_its_whole_budget() -> None:
+    """NGOpt switches to a meta-model after ~100 candidates; with numpy >= 2.4 nevergrad 1.0.12 crashes there."""
+    import nevergrad as ng
+    import numpy as np
+
+    space = ng.p.Dict(**{f"x{i}": ng.p.Array(init=np.full(4, 0.5), lower=0, upper=1.5) for i in range(3)})
+    optimizer = ng.optimizers.registry["NGOpt"](parametrization=space, budget=200, num_workers=2)
+    with WorkerPool(Toy, 1) as pool:
+        out: list = []
+        ask_tell(optimizer, pool, budget=200, decode=lambda v: {"x": float(sum(a.sum() for a in v.values()) / 12)},
+                 loss_of=lambda d: d.result["loss"], on_result=lambda d, loss: out.append(loss), progress=False)
+    assert len(out) == 200 and min(out) < 1e-3

@@ -8,7 +8,7 @@
     methods: [ties, dare_ties]               # optional: the merge method is searched too
     fitness:
       tasks: ../zoo/tasks
-      normalize: experts                     # experts | start | none
+      normalize: gap                         # gap | experts | start | none
       terms: [{task: add, metric: nll, weight: 1.0, limit: 64}, {task: sort}]
     optimizer: {name: NGOpt, budget: 64, seed: 0}   # any name in nevergrad's registry
     workers: {count: 2, device: cpu}
@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergelab.errors import RecipeError
 from mergelab.methods import get_method
 from mergelab.methods.base import REQUIRED, MergeMethod, Param
 from mergelab.recipe import (Conditional, Recipe, Setting, describe_validation_error, evaluate, load_recipe, parse_recipe,
-                             resolve_path)
+                             read_yaml_mapping, resolve_path)
 
 GLOBAL = "global"
 SPLIT_RE = re.compile(r"^(\w+)(?:\[(\d*):(\d*)\])?$")
@@ -65,7 +64,7 @@ class FitnessSpec(_Strict):
     tasks: str
     terms: list[FitnessTerm] = Field(min_length=1)
     goal: Literal["minimize", "maximize"] | None = None
-    normalize: Literal["experts", "start", "none"] | None = None
+    normalize: Literal["gap", "experts", "start", "none"] | None = None
 
 
 class OptimizerSpec(_Strict):
@@ -136,6 +135,7 @@ class Job:
     methods: tuple[str, ...]  # the candidate methods; the template's alone when not searched
     tasks: Path
     experts: tuple[Path | None, ...]  # per fitness term, the model it is normalised by
+    base: Path | None  # the template's base model (the other end of `normalize: gap`)
     splits: dict[str, SplitRange]
 
 
@@ -143,16 +143,8 @@ class Job:
 def load_job(path: str | os.PathLike[str]) -> Job:
     """Read and validate a search job; every error is a one-line `RecipeError` naming the key."""
     path = Path(path)
-    label = str(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{label}: job file not found") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{label}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{label}: a search job must be a YAML mapping with 'recipe', 'search' and 'fitness' keys")
-    return parse_job(data, path.resolve().parent, label, path)
+    data = read_yaml_mapping(path, "job", "a search job must be a YAML mapping with 'recipe', 'search' and 'fitness' keys")
+    return parse_job(data, path.resolve().parent, str(path), path)
 
 
 def parse_job(data: dict, root: Path, label: str, path: Path | None = None) -> Job:
@@ -173,7 +165,12 @@ def parse_job(data: dict, root: Path, label: str, path: Path | None = None) -> J
     tasks = resolve_path(root, spec.fitness.tasks)
     _check_fitness(spec.fitness, tasks, splits, label)
     experts = _experts(spec.fitness, template, root, label)
-    return Job(path or root / "job.yaml", spec, template, dims, methods, tasks, experts, splits)
+    base_ref = template.ref(template.base_model) if template.base_model else None
+    base = (base_ref.adapter or base_ref.path) if base_ref else None
+    if base is None and normalize_of(spec.fitness) == "gap":
+        raise RecipeError(f"{label}: fitness.normalize: gap measures each skill between the base model and its expert, "
+                          "and the recipe has no base_model; use normalize: experts")
+    return Job(path or root / "job.yaml", spec, template, dims, methods, tasks, experts, base, splits)
 
 
 def _template(source: str | dict, root: Path, label: str) -> Recipe:
@@ -332,20 +329,23 @@ def _check_fitness(fit: FitnessSpec, tasks: Path, splits: dict[str, SplitRange],
 
 
 def goal_of(fit: FitnessSpec) -> Literal["minimize", "maximize"] | None:
-    """The goal: as given, else minimize for NLL terms and maximize for accuracy; None when mixed."""
+    """The goal: as given; minimize the gap left to the experts; else minimize NLL terms and
+    maximize accuracy; None when raw metrics are mixed."""
     if fit.goal is not None:
         return fit.goal
+    if normalize_of(fit) == "gap":
+        return "minimize"
     metrics = {t.metric for t in fit.terms}
     if len(metrics) > 1:
         return None
     return "minimize" if metrics == {"nll"} else "maximize"
 
 
-def normalize_of(fit: FitnessSpec) -> Literal["experts", "start", "none"]:
-    """The normalisation: as given, else by the experts when there are several skills."""
+def normalize_of(fit: FitnessSpec) -> Literal["gap", "experts", "start", "none"]:
+    """The normalisation: as given, else the gap to the experts when there are several skills."""
     if fit.normalize is not None:
         return fit.normalize
-    return "experts" if len({t.task for t in fit.terms}) > 1 else "none"
+    return "gap" if len({t.task for t in fit.terms}) > 1 else "none"
 
 
 def _experts(fit: FitnessSpec, template: Recipe, root: Path, label: str) -> tuple[Path | None, ...]:
@@ -356,7 +356,7 @@ def _experts(fit: FitnessSpec, template: Recipe, root: Path, label: str) -> tupl
         path = resolve_path(root, term.expert) if term.expert else by_name.get(term.task)
         if term.expert and not path.is_dir():
             raise RecipeError(f"{label}: fitness.terms[{i}].expert: {path}: folder not found")
-        if path is None and normalize_of(fit) == "experts":
+        if path is None and normalize_of(fit) in ("gap", "experts"):
             raise RecipeError(f"{label}: fitness.terms[{i}].expert: no model of the recipe is named '{term.task}'; "
                               "give expert: or normalize: start")
         out.append(path)

@@ -26,7 +26,7 @@ from typing import Any
 
 from mergelab.errors import MergelabError, OutputError
 from mergelab.eval import load_model, load_tokenizer
-from mergelab.evolve.fitness import Metrics, combine, measure, needs_reference, term_data
+from mergelab.evolve.fitness import Metrics, Reference, check_gap, combine, make_reference, measure, needs_reference, term_data
 from mergelab.evolve.job import Job
 from mergelab.evolve.live import LiveMerger
 from mergelab.evolve.space import Genome, SearchSpace
@@ -93,25 +93,31 @@ class SearchEvaluator:
     def score(self, genome: Genome, use: str) -> Metrics:
         return self.score_timed(genome, use)[0]
 
-    def reference(self, use: str) -> Metrics | None:
-        """What the split's scores are divided by: the experts', the start recipe's, or nothing."""
+    def reference(self, use: str) -> Reference | None:
+        """What the split's scores are normalised by (`fitness.reference`), or None."""
         kind = needs_reference(self.job)
         if kind == "none":
             return None
         if kind == "start":
-            return self.score(self.space.start(), use)
-        out: Metrics = {}
+            return make_reference(kind, self.score(self.space.start(), use))
+        experts: Metrics = {}
         for term, expert in zip(self._terms[use], self.job.experts):
-            model, tok = load_model(expert)
-            out.update(measure(model, tok, [term]))
-        return out
+            experts.update(self._measure(expert, [term]))
+        if kind == "experts":
+            return make_reference(kind, experts)
+        ref = make_reference(kind, experts, self._measure(self.job.base, self._terms[use]))
+        check_gap(ref, f"{self.job.path}: fitness on {use} split")
+        return ref
+
+    def _measure(self, path: Path | None, terms: list) -> Metrics:
+        model, tok = load_model(path)
+        return measure(model, tok, terms)
 
     def source_scores(self, use: str) -> dict[str, Metrics]:
         """Each model of the recipe (base, experts, adapted bases) scored on split `use`."""
         out: dict[str, Metrics] = {}
         for ref in dict.fromkeys(self.live.plan.model_keys):
-            model, tok = load_model(ref.path if ref.adapter is None else ref.adapter)
-            out[str(ref)] = measure(model, tok, self._terms[use])
+            out[str(ref)] = self._measure(ref.path if ref.adapter is None else ref.adapter, self._terms[use])
         return out
 
     def close(self) -> None:
@@ -174,7 +180,7 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
         return _finish(job, space, pool, trials, run_dir)
 
 
-def _loss(job: Job, result: dict[str, Any], reference: Metrics | None) -> tuple[float, str | None]:
+def _loss(job: Job, result: dict[str, Any], reference: Reference | None) -> tuple[float, str | None]:
     """The loss told for a result and why it is the worst, if it is: a failed merge or a NaN fitness."""
     if result["error"] is not None:
         return WORST, result["error"]

@@ -171,7 +171,8 @@ class _Ray:
         import ray
 
         self.ray = ray
-        if not ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()  # then close() shuts it down, or its threads keep the process alive
+        if self._owns_ray:
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
@@ -277,6 +278,8 @@ class _Ray:
     def close(self) -> None:
         self._kill(list(self._names))
         self._names.clear()
+        if self._owns_ray:
+            self.ray.shutdown()
 
 
 def _gpus_per_worker(ray: Any, device: str, count: int) -> float:

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, TypeVar, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergelab.errors import MergelabError, RecipeError
 from mergelab.eval.data import Example, TaskSplit, load_task, read_jsonl
 from mergelab.evolve.job import OptimizerSpec, SplitRange, WorkerSpec, _check_device, _check_optimizer, parse_split
 from mergelab.lora.adapter import read_config
-from mergelab.recipe import describe_validation_error, resolve_path
+from mergelab.recipe import describe_validation_error, read_yaml_mapping, resolve_path
 
 Metric = Literal["accuracy", "nll"]
 T = TypeVar("T")
@@ -89,16 +88,8 @@ class HubJob:
 def load_hub_job(path: str | os.PathLike[str]) -> HubJob:
     """Read and validate a LoraHub job; every error is a one-line `RecipeError` naming the key."""
     path = Path(path)
-    label = str(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{label}: job file not found") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{label}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{label}: a LoraHub job must be a YAML mapping with 'base', 'adapters' and 'examples' keys")
-    return parse_hub_job(data, path.resolve().parent, label, path)
+    data = read_yaml_mapping(path, "job", "a LoraHub job must be a YAML mapping with 'base', 'adapters' and 'examples' keys")
+    return parse_hub_job(data, path.resolve().parent, str(path), path)
 
 
 def parse_hub_job(data: dict, root: Path, label: str, path: Path | None = None) -> HubJob:

@@ -47,10 +47,10 @@ from mergelab.zoo.train import Arch, TrainSpec, deterministic, model_config, new
 log = logging.getLogger(__name__)
 
 MANIFEST = "zoo.json"
-FORMAT = 1
+FORMAT = 2  # 2: the held-out skill is out of the base's mixture and of replay too
 EXPERTS = ("add", "reverse", "sort")  # arithmetic, string transformation, sorting
 ADAPTERS = ("add", "reverse", "sort", "shift", "count", "index")  # shift, count, index: no expert
-HELD_OUT = ("revshift",)  # no expert, no adapter: composes `reverse` and `shift` (for LoraHub)
+HELD_OUT = ("revshift",)  # in no training at all (base, experts, adapters, replay): composes `reverse` and `shift` (for LoraHub)
 SPLIT_SIZES = {"train": 4000, "validation": 200, "test": 500}
 
 
@@ -69,10 +69,14 @@ class BuildPlan:
     adapter_replay: float = 0.3
 
 
+# The base is trained long enough to be competent at every skill, and the experts refine it
+# with a small learning rate: task vectors a few percent of the weights, as fine-tunes of a
+# pretrained model are, so that merging them is meaningful (with a 600-step base and lr 2e-3
+# the task vectors were 30-50% of the weights and every merge of all three collapsed).
 FULL = BuildPlan(
     arch=Arch(hidden_size=96, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4),
-    base=TrainSpec(steps=600, lr=3e-3, answer_only=False),
-    expert=TrainSpec(steps=400, lr=2e-3),
+    base=TrainSpec(steps=1500, lr=3e-3, answer_only=False),
+    expert=TrainSpec(steps=400, lr=3e-4),
     adapter=TrainSpec(steps=250, lr=5e-3),
 )
 # For the test suite: a smaller model and shorter runs, same layout and members.
@@ -147,7 +151,7 @@ def read_manifest(dir: str | Path) -> dict[str, Any] | None:
 def _is_complete(out: Path, seed: int, reduced: bool) -> bool:
     """A manifest for these settings, and every file it lists present with its recorded size."""
     manifest = read_manifest(out)
-    if manifest is None or (manifest.get("seed"), manifest.get("reduced")) != (seed, reduced):
+    if manifest is None or _settings(manifest) != _settings_of(seed, reduced):
         return False
     files = manifest.get("files", {})
     return bool(files) and all(
@@ -155,16 +159,24 @@ def _is_complete(out: Path, seed: int, reduced: bool) -> bool:
     )
 
 
+def _settings(manifest: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What a zoo was built with: seed, size and training plan (a zoo of an older plan is stale)."""
+    return manifest.get("seed"), manifest.get("reduced"), (manifest.get("format"), manifest.get("plan"))
+
+
+def _settings_of(seed: int, reduced: bool) -> tuple[Any, Any, Any]:
+    return seed, reduced, (FORMAT, json.loads(json.dumps(asdict(REDUCED if reduced else FULL))))
+
+
 def _check_replaceable(out: Path, seed: int, reduced: bool, overwrite: bool) -> None:
     """Refuse to replace a folder that is not a zoo, or a zoo built with other settings."""
     if not out.exists() or overwrite:
         return
     manifest = read_manifest(out)
-    if manifest is not None and (manifest.get("seed"), manifest.get("reduced")) != (seed, reduced):
-        raise OutputError(
-            f"{out}: holds a zoo built with seed={manifest.get('seed')} reduced={manifest.get('reduced')}; "
-            "pass overwrite=True (--overwrite) or choose another folder"
-        )
+    if manifest is not None and _settings(manifest) != _settings_of(seed, reduced):
+        same_plan = _settings(manifest)[2] == _settings_of(seed, reduced)[2]
+        built = f"seed={manifest.get('seed')} reduced={manifest.get('reduced')}" + ("" if same_plan else " and an older training plan")
+        raise OutputError(f"{out}: holds a zoo built with {built}; pass overwrite=True (--overwrite) or choose another folder")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in {"base", "experts", "adapters", "tasks", MANIFEST})
     if foreign:
         raise OutputError(f"{out}: exists and is not a zoo (it has {', '.join(foreign[:3])}); choose another folder")
@@ -180,7 +192,7 @@ def _build_into(root: Path, seed: int, plan: BuildPlan, reduced: bool, workers: 
     # 2) the base: brief multi-skill training from scratch
     start = time.perf_counter()
     base = new_model(model_config(tokenizer, plan.arch), member_seed(seed, "base"))
-    mixture = [e for skill in SKILLS for e in data[skill]]
+    mixture = [e for skill in SKILLS if skill not in HELD_OUT for e in data[skill]]
     with deterministic():
         losses = {"base": train(base, tokenizer, mixture, plan.base, member_seed(seed, "base"), desc="base")}
     log.info("trained base: loss %.3f in %.1f s", losses["base"], time.perf_counter() - start)
@@ -255,7 +267,7 @@ def _with_replay(tasks: Path, skill: str, replay: float) -> tuple[list[Example],
     own = list(read_jsonl(tasks / skill / "train.jsonl"))
     if replay <= 0:
         return own, None
-    mixture = [e for name in SKILLS for e in read_jsonl(tasks / name / "train.jsonl")]
+    mixture = [e for name in SKILLS if name not in HELD_OUT for e in read_jsonl(tasks / name / "train.jsonl")]
     weights = [(1 - replay) / len(own)] * len(own) + [replay / len(mixture)] * len(mixture)
     return own + mixture, weights
 
