@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from mergelab.errors import RecipeError
+from mergelab.methods._cache import TensorCache
 from mergelab.methods.base import MergeInputs
 from mergelab.plan import Plan, Source, TensorJob
 from mergelab.writer import Sink
@@ -52,8 +53,11 @@ def read_sources(plan: Plan, job: TensorJob) -> dict[Source, torch.Tensor]:
     return {src: plan.checkpoints[src.model].read(src.name) for src in dict.fromkeys(job.sources)}
 
 
-def merge_job(plan: Plan, job: TensorJob, tensors: dict[Source, torch.Tensor], device: torch.device, seed: int) -> torch.Tensor:
-    """Run the plan's method for one job; returns the output tensor (job dtype, on `device`)."""
+def merge_job(plan: Plan, job: TensorJob, tensors: dict[Source, torch.Tensor], device: torch.device, seed: int,
+              cache: TensorCache | None = None) -> torch.Tensor:
+    """Run the plan's method for one job; returns the output tensor (job dtype, on `device`).
+
+    `cache`: what earlier merges of the same sources left for this tensor (a search's; see `methods/_cache.py`)."""
     if not job.mergeable:
         return tensors[job.inputs[0]]
     on_device = {s: _prepare(t, device, plan.load_dtype) for s, t in tensors.items()}
@@ -66,6 +70,7 @@ def merge_job(plan: Plan, job: TensorJob, tensors: dict[Source, torch.Tensor], d
         seed=seed,
         out_dtype=job.dtype,
         generator_device=device,
+        cache=cache,
     )
     return plan.method.merge(inputs).to(job.dtype)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mergelab.methods import MergeInputs, get_method
-from mergelab.methods._select import rank_window_mask, top_k_mask, value_at_rank
+from mergelab.methods._select import ascending_ranks, rank_window_mask, top_k_mask, value_at_rank
 
 T = torch.tensor
 
@@ -370,3 +370,20 @@ def test_top_k_and_window_masks_match_sort(kind: str) -> None:
         assert torch.equal(mask, reference_rank_mask(v, n - k, n))
     for lo, hi in ((0, n // 4), (n // 3, n // 3 + 1), (n // 5, n - n // 7), (0, n)):
         assert torch.equal(rank_window_mask(v, lo, hi), reference_rank_mask(v, lo, hi))
+
+
+@pytest.mark.parametrize("kind", TENSORS)
+def test_masks_from_remembered_ranks_are_the_same(kind: str) -> None:
+    """A search sorts once (`ascending_ranks`) and compares per density: the same masks as selecting."""
+    v = TENSORS[kind]
+    n = v.numel()
+    ranks = ascending_ranks(v)
+    assert ranks is not None and ranks.dtype == torch.int32 and ranks.shape == v.shape
+    for k in (0, 1, n // 10, n // 2, n - 1, n):
+        assert torch.equal(top_k_mask(v, k, ranks), top_k_mask(v, k))
+    for lo, hi in ((0, n // 4), (n // 3, n // 3 + 1), (n // 5, n - n // 7), (0, n)):
+        assert torch.equal(rank_window_mask(v, lo, hi, ranks), rank_window_mask(v, lo, hi))
+
+
+def test_no_ranks_for_nan() -> None:
+    assert ascending_ranks(T([1.0, float("nan"), 0.5])) is None

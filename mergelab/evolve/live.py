@@ -8,6 +8,14 @@ runs the same method code as `mergelab merge` (`execute.merge_job`) tensor by te
 each result into the live model in place, so the model holds exactly what `mergelab merge`
 would write (tested bit for bit). Tied weights (a head sharing the embedding) are one parameter
 in the model and one tensor in the checkpoint: they are written once.
+
+With `cache=True` (the default) the methods remember, per output tensor and input, what depends
+only on the sources and the seed: the task vector's magnitude ranks (a new TIES or breadcrumbs
+density is then one comparison, not a selection) and the random draws (DARE, DELLA); see
+`mergelab/methods/_cache.py`. That costs 4 bytes per element of each expert beside the sources
+(DELLA 8; task arithmetic nothing; `cache_nbytes`), made by the first candidate that needs
+them; `cache=False` saves that memory and selects and draws again per candidate. Results are
+the same bit for bit either way.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mergelab.errors import PlanError
-from mergelab.execute import merge_job, resolve_device
+from mergelab.execute import merge_job, resolve_device, single_threaded_ops
+from mergelab.methods._cache import MergeCache, TensorCache
 from mergelab.plan import Plan, Source, TensorJob, make_plan, replan
 from mergelab.recipe import Recipe
 
@@ -38,9 +47,11 @@ class CandidateTiming:
 class LiveMerger:
     """Holds the source tensors and one live model; `set_recipe` merges a candidate into it."""
 
-    def __init__(self, recipe: Recipe, device: str | torch.device = "cpu", *, allow_pickle: bool = False) -> None:
+    def __init__(self, recipe: Recipe, device: str | torch.device = "cpu", *, allow_pickle: bool = False,
+                 cache: bool = True) -> None:
         self.device = resolve_device(device)
         self.plan: Plan = make_plan(recipe, allow_pickle=allow_pickle)
+        self._cache = MergeCache() if cache else None
         self._sources: dict[Source, torch.Tensor] = {}
         for job in self.plan.jobs:  # 1) every source tensor, read once, on the device
             for src in job.sources:
@@ -58,10 +69,13 @@ class LiveMerger:
         self._check_layout(plan.jobs)
         merge_s = time.perf_counter() - start
         load_s = 0.0
-        with torch.no_grad():
+        # one thread per op on CPU, as `mergelab merge` runs them: reductions (rescale norms) then
+        # add up in the same order, so large tensors come out the same too
+        with torch.no_grad(), single_threaded_ops(self.device):
             for job in plan.jobs:
                 t0 = time.perf_counter()
-                out = merge_job(plan, job, {s: self._source(s) for s in job.sources}, self.device, seed)
+                tensors = {s: self._source(s) for s in job.sources}
+                out = merge_job(plan, job, tensors, self.device, seed, self._tensor_cache(plan, job))
                 t1 = time.perf_counter()
                 self._targets[job.name].copy_(out)
                 merge_s += t1 - t0
@@ -74,8 +88,21 @@ class LiveMerger:
         """The live model's tensors under the names `mergelab merge` writes them."""
         return {name: t.detach() for name, t in self._targets.items()}
 
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes the cache holds on the device (0 without one)."""
+        return self._cache.nbytes if self._cache is not None else 0
+
     def close(self) -> None:
+        if self._cache is not None:
+            self._cache.clear()
         self.plan.close()
+
+    def _tensor_cache(self, plan: Plan, job: TensorJob) -> TensorCache | None:
+        """The cache of this output tensor made from these sources (in this order, this dtype)."""
+        if self._cache is None:
+            return None
+        return self._cache.tensor((job.name, job.inputs, job.base, plan.load_dtype))
 
     # ------------------------------------------------------------ setup
     def _source(self, src: Source) -> torch.Tensor:

@@ -11,6 +11,9 @@ given rank exactly in three cheap passes:
 
 Ties are broken by position (the earlier element ranks lower), so the masks below keep
 exactly the number of elements asked for, as an argsort-based selection does.
+
+A search asks for masks of the same magnitudes at many densities: it sorts once
+(`ascending_ranks`, remembered) and passes the ranks, and each mask is one comparison.
 """
 
 from __future__ import annotations
@@ -57,8 +60,26 @@ def value_at_rank(v: torch.Tensor, r: int) -> tuple[torch.Tensor, int, int]:
     return val, below + int((inside < val).sum()), int((inside == val).sum())
 
 
-def rank_at_least(v: torch.Tensor, r: int) -> torch.Tensor:
-    """Bool mask (shape of `v`) of the elements whose ascending rank is >= r: the top n - r."""
+def ascending_ranks(v: torch.Tensor) -> torch.Tensor | None:
+    """Each element's ascending rank in `v` (shape of `v`; int32, int64 past 2**31 elements), ties
+    broken by position as in the masks here. None when `v` holds a NaN: a sort places NaNs where
+    the selection does not, so such masks are made by the selection."""
+    flat = v.reshape(-1)
+    if bool(torch.isnan(flat).any()):
+        return None
+    n = flat.numel()
+    dtype = torch.int32 if n < 2**31 else torch.int64
+    ranks = torch.empty(n, dtype=dtype, device=v.device)
+    ranks[flat.argsort(stable=True)] = torch.arange(n, dtype=dtype, device=v.device)
+    return ranks.reshape(v.shape)
+
+
+def rank_at_least(v: torch.Tensor, r: int, ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask (shape of `v`) of the elements whose ascending rank is >= r: the top n - r.
+
+    `ranks`: `ascending_ranks(v)`, when known; then the mask is one comparison."""
+    if ranks is not None:
+        return ranks >= r
     n = v.numel()
     if r <= 0:
         return torch.ones_like(v, dtype=torch.bool)
@@ -82,11 +103,11 @@ def rank_at_least(v: torch.Tensor, r: int) -> torch.Tensor:
     return mask.reshape(v.shape)
 
 
-def top_k_mask(v: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_mask(v: torch.Tensor, k: int, ranks: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask of the k largest elements of `v` (ties: earlier positions lose)."""
-    return rank_at_least(v, v.numel() - k)
+    return rank_at_least(v, v.numel() - k, ranks)
 
 
-def rank_window_mask(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def rank_window_mask(v: torch.Tensor, lo: int, hi: int, ranks: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask of the elements whose ascending rank lies in [lo, hi)."""
-    return rank_at_least(v, lo) & ~rank_at_least(v, hi)
+    return rank_at_least(v, lo, ranks) & ~rank_at_least(v, hi, ranks)

@@ -13,6 +13,9 @@ by chunk without another full-size copy.
 Rescaling (`rescale_mode`): "l1" (mergekit's choice: scale the survivors so the L1 norm of
 the task vector is unchanged), "l2", "linf", or "probability" (the papers' choice: divide
 each survivor by its keep probability, 1/density for DARE, 1/p_i for DELLA).
+
+`memo` (see `_cache.py`): in a search, what depends only on the magnitudes (their ranks) or on
+the seed (the random draws) is made once and remembered, so a new density costs one comparison.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mergelab.methods._select import rank_window_mask, top_k_mask
+from mergelab.methods._cache import NO_MEMO, Memo
+from mergelab.methods._select import ascending_ranks, rank_window_mask, top_k_mask
 
 RESCALE_MODES = ("l1", "l2", "linf", "probability")
 
@@ -34,17 +38,22 @@ class Sparse:
     scale: float | torch.Tensor = 1.0
 
 
-def magnitude(mag: torch.Tensor, density: float) -> Sparse:
+def magnitude(mag: torch.Tensor, density: float, memo: Memo = NO_MEMO) -> Sparse:
     """Keep the k = max(1, int(density * n)) entries of largest magnitude."""
     if density >= 1:
         return Sparse()
     if density <= 0 or mag.numel() == 0:
         return Sparse(keep=torch.zeros_like(mag, dtype=torch.bool))
     k = max(1, int(density * mag.numel()))
-    return Sparse(keep=top_k_mask(mag, k))
+    return Sparse(keep=top_k_mask(mag, k, _ranks(mag, memo)))
 
 
-def magnitude_outliers(mag: torch.Tensor, density: float, gamma: float) -> Sparse:
+def _ranks(mag: torch.Tensor, memo: Memo) -> torch.Tensor | None:
+    """With a cache, the magnitudes' ranks (one sort, remembered); without, None: select each time."""
+    return memo("ranks", lambda: ascending_ranks(mag)) if memo.active else None
+
+
+def magnitude_outliers(mag: torch.Tensor, density: float, gamma: float, memo: Memo = NO_MEMO) -> Sparse:
     """Drop the int(gamma * n) largest magnitudes and enough of the smallest to keep int(density * n)."""
     if density >= 1:
         return Sparse()
@@ -52,18 +61,24 @@ def magnitude_outliers(mag: torch.Tensor, density: float, gamma: float) -> Spars
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)  # fewer outliers dropped when density demands it
-    return Sparse(keep=rank_window_mask(mag, n_bottom, n_bottom + target))
+    return Sparse(keep=rank_window_mask(mag, n_bottom, n_bottom + target, _ranks(mag, memo)))
 
 
-def random(mag: torch.Tensor, density: float, generator: torch.Generator) -> Sparse:
+def _draws(shape: torch.Size, generator: torch.Generator, device: torch.device, memo: Memo) -> torch.Tensor:
+    """Uniform draws in [0, 1) of `shape` from `generator` (remembered per seed with a cache)."""
+    return memo(("draws", tuple(shape)), lambda: torch.rand(shape, generator=generator, device=device), seeded=True)
+
+
+def random(mag: torch.Tensor, density: float, generator: torch.Generator, memo: Memo = NO_MEMO) -> Sparse:
     """Keep each entry independently with probability `density` (a seeded Bernoulli mask)."""
     if density >= 1:
         return Sparse()
-    draws = torch.rand(mag.shape, generator=generator, device=mag.device)
+    draws = _draws(mag.shape, generator, mag.device, memo)
     return Sparse(keep=draws < density, scale=1.0 / density if density > 0 else 0.0)
 
 
-def della_magprune(mag: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> Sparse:
+def della_magprune(mag: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
+                   memo: Memo = NO_MEMO) -> Sparse:
     """Keep entries with a probability that grows linearly with their magnitude rank in the row."""
     if density >= 1:
         return Sparse()
@@ -72,32 +87,35 @@ def della_magprune(mag: torch.Tensor, density: float, epsilon: float, generator:
     if density - epsilon <= 0 or density + epsilon >= 1:
         raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1 (density {density}, epsilon {epsilon})")
     rows = mag.reshape(1, -1) if mag.dim() < 2 else mag.reshape(mag.shape[0], -1)  # (rows, cols)
-    cols = rows.shape[1]
-    order = rows.argsort(dim=1, stable=True)  # (rows, cols)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, device=rows.device).expand_as(order))
-    rank_norm = ranks.to(torch.float32) / (cols - 1) if cols > 1 else torch.full_like(rows, 0.5)
+    rank_norm = memo("row_ranks", lambda: _row_rank_fraction(rows))  # (rows, cols)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)  # (rows, cols)
-    draws = torch.rand(probs.shape, generator=generator, device=mag.device)
+    draws = _draws(probs.shape, generator, mag.device, memo)
     keep = (draws < probs).reshape(mag.shape)
     return Sparse(keep=keep, scale=(1.0 / probs).reshape(mag.shape))
 
 
-def rescale(mag: torch.Tensor, sparse: Sparse, mode: str | None, eps: float = 1e-7) -> Sparse:
+def _row_rank_fraction(rows: torch.Tensor) -> torch.Tensor:
+    """Each entry's ascending rank within its row over (cols - 1), in [0, 1]; 0.5 for one column."""
+    cols = rows.shape[1]
+    order = rows.argsort(dim=1, stable=True)  # (rows, cols)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(cols, device=rows.device).expand_as(order))
+    return ranks.to(torch.float32) / (cols - 1) if cols > 1 else torch.full_like(rows, 0.5)
+
+
+def rescale(mag: torch.Tensor, sparse: Sparse, mode: str | None, eps: float = 1e-7, memo: Memo = NO_MEMO) -> Sparse:
     """Choose the survivors' scale: by keep probability, or to preserve a norm of delta (from |delta|)."""
     if sparse.keep is None or mode == "probability":
         return sparse
     if mode is None:
         return Sparse(sparse.keep, 1.0)
-    kept = mag * sparse.keep
-    if mode == "l1":
-        before, after = mag.sum(), kept.sum()
-    elif mode == "l2":
-        before, after = mag.norm(), kept.norm()
-    elif mode == "linf":
-        before, after = mag.max(), kept.max()
-    else:
+    if mode not in _NORMS:
         raise ValueError(f"unknown rescale mode {mode!r}; choose one of {', '.join(RESCALE_MODES)}")
+    before = memo(("norm", mode), lambda: _NORMS[mode](mag))
+    after = _NORMS[mode](mag * sparse.keep)
     if before < eps or after < eps:
         return Sparse(sparse.keep, 1.0)
     return Sparse(sparse.keep, float(before / after))
+
+
+_NORMS = {"l1": torch.sum, "l2": torch.norm, "linf": torch.max}

@@ -103,22 +103,23 @@ class TaskArithmeticFamily(MergeMethod):
             chunk = buffer[start : start + CHUNK]
             chunk.copy_(x[start : start + CHUNK]).sub_(b[start : start + CHUNK]).abs_()
         magnitude = buffer  # (n,) = |delta|; all the sparsifiers and norms need only magnitudes
+        memo = inputs.memo(i)  # a search's cache: what follows from |delta| or the seed alone (_cache.py)
         if self.sparsify == "magnitude":
-            sparse = _sparsify.magnitude(magnitude, density)
+            sparse = _sparsify.magnitude(magnitude, density, memo)
         elif self.sparsify == "magnitude_outliers":
-            sparse = _sparsify.magnitude_outliers(magnitude, density, float(p["gamma"]))
+            sparse = _sparsify.magnitude_outliers(magnitude, density, float(p["gamma"]), memo)
         elif self.sparsify == "random":
-            sparse = _sparsify.random(magnitude, density, inputs.generator(i))
+            sparse = _sparsify.random(magnitude, density, inputs.generator(i), memo)
         elif self.sparsify == "della_magprune":
             # DELLA ranks within rows, so it sees the tensor's own shape
             rows = magnitude.reshape(inputs.tensors[i].shape)
-            sparse = _sparsify.della_magprune(rows, density, float(p["epsilon"]), inputs.generator(i))
+            sparse = _sparsify.della_magprune(rows, density, float(p["epsilon"]), inputs.generator(i), memo)
             scale = sparse.scale.reshape(-1) if isinstance(sparse.scale, torch.Tensor) else sparse.scale
             sparse = _sparsify.Sparse(sparse.keep.reshape(-1) if sparse.keep is not None else None, scale)
         else:  # pragma: no cover - presets are fixed in code
             raise AssertionError(self.sparsify)
         mode = inputs.options["rescale_mode"] if inputs.options.get("rescale") else None
-        return _sparsify.rescale(magnitude, sparse, mode)
+        return _sparsify.rescale(magnitude, sparse, mode, memo=memo)
 
     # 3)-7) one chunk of the elementwise pass; `base` is the chunk of b in the work dtype
     def _combine(self, opts: dict, xs: list[torch.Tensor], sparse: list[_sparsify.Sparse], weights: list[float],

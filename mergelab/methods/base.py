@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from mergelab.errors import RecipeError
+from mergelab.methods._cache import NO_MEMO, Memo, TensorCache
 
 REQUIRED: Any = object()  # sentinel: a parameter with no default
 
@@ -73,6 +74,7 @@ class MergeInputs:
     `tensors` are the non-base inputs (or all inputs, for methods whose base policy is "input")
     in recipe order, as stored (any float dtype), on the compute device; `base` likewise.
     `params[i]` holds input i's per-model parameters; `options` the global ones.
+    `cache` (a search's, see `_cache.py`) remembers what depends only on the sources between merges.
     """
 
     name: str
@@ -83,6 +85,11 @@ class MergeInputs:
     seed: int = 0
     out_dtype: torch.dtype | None = None  # methods that build the output chunk by chunk may write it in this dtype
     generator_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache: TensorCache | None = None
+
+    def memo(self, index: int) -> Memo:
+        """Input `index`'s memo in `cache`; without a cache `NO_MEMO` (computes every time)."""
+        return NO_MEMO if self.cache is None else self.cache.memo(index, self.seed)
 
     def generator(self, index: int) -> torch.Generator:
         """A fresh RNG for input `index` of this tensor: reproducible, independent of job order."""
