@@ -22,7 +22,7 @@ CATALOG = Path(__file__).resolve().parents[1] / "search" / "evolve_task_arithmet
 def catalog_job(tmp: Path, zoo_dir: Path, budget: int):
     """The catalog job, pointed at the test zoo, on small splits."""
     data = yaml.safe_load(CATALOG.read_text())
-    data["optimizer"] = {"name": "OnePlusOne", "budget": budget, "seed": 0}
+    data["optimizer"] = {"name": "NGOpt", "budget": budget, "seed": 0}
     data["fitness"]["terms"] = [{**t, "limit": 12} for t in data["fitness"]["terms"]]
     data["splits"] = {"fitness": "validation[0:12]", "select": "validation[100:112]", "report": "test[0:12]"}
     (tmp / "search").mkdir(exist_ok=True)

@@ -6,7 +6,8 @@
        once; each candidate: genome -> recipe -> merged into the worker's live model -> scored ->
        told as soon as it is back, appended to `trials.jsonl`
     4) the top candidates are re-scored on the select split; the best becomes `best.yaml`
-    5) its report-split scores are logged beside those of each source model and of the start
+    5) its report-split scores are logged beside those of the start (the template), the uniform
+       merge (the template's method, every model at the mean weight) and each source model
        (`report.json`)
 
 A candidate whose merge raises or whose fitness is NaN gets the worst loss and is logged with
@@ -31,6 +32,7 @@ from mergelab.evolve.job import Job
 from mergelab.evolve.live import LiveMerger
 from mergelab.evolve.space import Genome, SearchSpace
 from mergelab.evolve.workers import Done, WorkerPool, ask_tell
+from mergelab.recipe import Recipe, parse_recipe
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,11 @@ class SearchEvaluator:
     def score(self, genome: Genome, use: str) -> Metrics:
         return self.score_timed(genome, use)[0]
 
+    def score_recipe(self, recipe: Recipe, use: str) -> Metrics:
+        """Any recipe of the template's models (the uniform merge), scored on split `use`."""
+        self.live.set_recipe(recipe)
+        return measure(self.live.model, self.tokenizer, self._terms[use])
+
     def reference(self, use: str) -> Reference | None:
         """What the split's scores are normalised by (`fitness.reference`), or None."""
         kind = needs_reference(self.job)
@@ -122,6 +129,20 @@ class SearchEvaluator:
 
     def close(self) -> None:
         self.live.close()
+
+
+def uniform_recipe(job: Job) -> Recipe | None:
+    """The template with every model's weight set to their mean: the same method, the experts
+    weighted evenly (None when the models carry no weight)."""
+    data = job.template.model_dump(mode="json", exclude_none=True, exclude={"root"})
+    weights = [(m.get("parameters") or {}).get("weight") for m in data["models"]]
+    if any(w is None or isinstance(w, dict) or (isinstance(w, list) and not all(isinstance(x, (int, float)) for x in w))
+           for w in weights):
+        return None
+    mean = sum(sum(w) / len(w) if isinstance(w, list) else w for w in weights) / len(weights)
+    for m in data["models"]:
+        m["parameters"]["weight"] = mean
+    return parse_recipe(data, job.template.root, "uniform recipe")
 
 
 def _values(space: SearchSpace, genome: Genome) -> dict[str, Any]:
@@ -207,6 +228,9 @@ def _finish(job: Job, space: SearchSpace, pool: WorkerPool, trials: list[Trial],
     best_yaml = run_dir / BEST
     best_yaml.write_text(space.to_recipe(selected.genome).to_yaml(absolute_paths=True))
     report = {"best": pool.call("score", selected.genome, "report"), "start": pool.call("score", space.start(), "report")}
+    uniform = uniform_recipe(job)
+    if uniform is not None:
+        report["uniform"] = pool.call("score_recipe", uniform, "report")
     report.update(pool.call("source_scores", "report"))
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     for who, metrics in report.items():
