@@ -69,10 +69,10 @@ class BuildPlan:
     adapter_replay: float = 0.3
 
 
-# The base is trained long enough to be competent at every skill, and the experts refine it
-# with a small learning rate: task vectors a few percent of the weights, as fine-tunes of a
-# pretrained model are, so that merging them is meaningful (with a 600-step base and lr 2e-3
-# the task vectors were 30-50% of the weights and every merge of all three collapsed).
+# The base is trained long enough to be fair at every skill, and the experts refine it with a
+# small learning rate: each weight matrix moves by 5-12% of its norm (median 6%), so merging
+# them is meaningful. With a 600-step base and lr 2e-3 the task vectors were 30-50% of the
+# weights and every merge of all three collapsed.
 FULL = BuildPlan(
     arch=Arch(hidden_size=96, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4),
     base=TrainSpec(steps=1500, lr=3e-3, answer_only=False),
