@@ -104,3 +104,46 @@ def test_cli_search_with_two_ray_workers_then_report(tmp_path: Path, zoo_dir: Pa
     assert (run / "fitness.png").read_bytes()[:4] == b"\x89PNG"
     md = (run / "report.md").read_text()
     assert "6 trials, 0 failed, on 2 worker(s)" in md and "| best |" in md and "| start |" in md
+
+
+def test_lm_eval_fitness_terms(tmp_path: Path, zoo_dir: Path) -> None:
+    """An lm-eval task as a fitness term: the split ranges index its documents; the score is
+    lm-eval's exact match, equal to mergelab's accuracy on the same examples."""
+    from mergelab.errors import RecipeError
+    from mergelab.eval import load_task, score, zoo_task_folder
+    from mergelab.evolve.job import parse_job
+
+    job = catalog_job(tmp_path, zoo_dir, 2)
+    data = yaml.safe_load(job.path.read_text())
+    for skill in ("add", "sort"):
+        zoo_task_folder(zoo_dir, skill, tmp_path / "lm_eval" / skill)
+    data["fitness"] = {"normalize": "none", "terms": [
+        {"task": f"../lm_eval/{skill}", "metric": "lm-eval", "lm_eval_metric": "exact_match", "limit": 6} for skill in ("add", "sort")]}
+    data["splits"] = {"fitness": "validation[0:6]", "select": "validation[6:12]", "report": "validation[12:20]"}
+    job = parse_job(data, job.path.parent, "lm.yaml", job.path)
+    evaluator = loop.SearchEvaluator(job, "cpu")
+    got = evaluator.score(evaluator.space.start(), "select")
+    test = {s: load_task(zoo_dir, s, "test") for s in ("add", "sort")}  # the zoo lm-eval task evaluates its test split
+    for skill in ("add", "sort"):
+        docs = type(test[skill])(skill, "test", test[skill].examples[6:12])
+        assert got[f"../lm_eval/{skill}/lm-eval"] == pytest.approx(score(evaluator.live.model, evaluator.tokenizer, docs, "accuracy").value)
+    result = loop.run_search(job, tmp_path / "run_lm", progress=False)
+    assert combine(job, result.best.metrics, None) == pytest.approx(-sum(result.best.metrics.values()))  # maximised
+
+    overlapping = {**data, "splits": {"fitness": "validation[0:6]", "select": "validation[6:12]", "report": "test"}}
+    with pytest.raises(RecipeError, match=r"fitness.terms\[0\]: splits.fitness and splits.report overlap as document ranges"):
+        parse_job(overlapping, job.path.parent, "lm.yaml")
+    unknown = copy_with(data, ["fitness", "terms", 0, "task"], "no_such_lm_eval_task")
+    with pytest.raises(RecipeError, match=r"fitness.terms\[0\].task: unknown lm-eval task 'no_such_lm_eval_task'"):
+        parse_job(unknown, job.path.parent, "lm.yaml")
+
+
+def copy_with(data: dict, path: list, value: object) -> dict:
+    import copy
+
+    out = copy.deepcopy(data)
+    node = out
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return out

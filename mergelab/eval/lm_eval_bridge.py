@@ -118,13 +118,15 @@ def lm_eval_score(
     *,
     include_path: str | Path | None = None,
     limit: int | None = None,
+    samples: list[int] | None = None,
     batch_size: int = 64,
     metric: str | None = None,
 ) -> Score:
     """Run one lm-eval task on the in-memory model; `metric` picks the reported one (default: the first).
 
     `task` is a local task folder holding one task, or a task name (found in `include_path` when
-    given, else among lm-eval's own tasks). All of lm-eval's metrics land in `Score.details`.
+    given, else among lm-eval's own tasks). `samples` picks documents of the task's evaluation
+    split by index (instead of the first `limit`). All of lm-eval's metrics land in `Score.details`.
     Seeds are left alone, so a search's random state is not reset by scoring.
     """
     _offline()
@@ -140,7 +142,8 @@ def lm_eval_score(
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         start = time.perf_counter()
         results = simple_evaluate(
-            model=lm, tasks=[name], limit=limit, task_manager=manager, bootstrap_iters=0, log_samples=False,
+            model=lm, tasks=[name], limit=limit, samples=None if samples is None else {name: list(samples)},
+            task_manager=manager, bootstrap_iters=0, log_samples=False,
             random_seed=None, numpy_random_seed=None, torch_random_seed=None,
         )  # fmt: skip
         seconds = time.perf_counter() - start

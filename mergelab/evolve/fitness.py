@@ -27,8 +27,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mergelab.errors import DataError
-from mergelab.eval import TaskSplit, load_task, score
-from mergelab.evolve.job import FitnessTerm, Job, SplitRange, goal_of, normalize_of
+from mergelab.eval import TaskSplit, lm_eval_score, load_task, score
+from mergelab.evolve.job import FitnessTerm, Job, SplitRange, goal_of, lm_eval_task, normalize_of
 
 Metrics = dict[str, float]  # "add/nll" -> value
 Reference = dict[str, tuple[float, float]]  # "add/nll" -> (zero, one) of its normalisation
@@ -36,10 +36,12 @@ Reference = dict[str, tuple[float, float]]  # "add/nll" -> (zero, one) of its no
 
 @dataclass(frozen=True)
 class TermData:
-    """One fitness term with its examples on one split."""
+    """One fitness term with its examples on one split: a zoo task split, or for an lm-eval term
+    the task and the indices of its documents (None: all)."""
 
     term: FitnessTerm
-    task: TaskSplit
+    task: TaskSplit | None = None
+    lm_eval: tuple[str, tuple[int, ...] | None] | None = None
 
     @property
     def key(self) -> str:
@@ -49,14 +51,29 @@ class TermData:
 def term_data(job: Job, use: str) -> list[TermData]:
     """The examples of every term on split `use` (fitness, select or report).
 
-    `limit` applies to the fitness and select splits; the report split is scored whole, on
-    both metrics (answer NLL and exact-match accuracy) of every term's task."""
+    `limit` applies to the fitness and select splits; the report split is scored whole, zoo
+    tasks on both metrics (answer NLL and exact-match accuracy). An lm-eval term reads the split
+    range as document indices of its task's own evaluation split (the split name is not used)."""
     split = job.splits[use]
-    if use != "report":
-        return [TermData(t, _range(load_task(job.tasks, t.task, split.name), split).head(t.limit)) for t in job.spec.fitness.terms]
-    tasks = dict.fromkeys(t.task for t in job.spec.fitness.terms)
-    return [TermData(FitnessTerm(task=name, metric=metric), _range(load_task(job.tasks, name, split.name), split))
-            for name in tasks for metric in ("accuracy", "nll")]
+    limit = (lambda t: t.limit) if use != "report" else (lambda t: None)
+    out: list[TermData] = []
+    zoo_tasks: dict[str, None] = {}
+    for t in job.spec.fitness.terms:
+        if t.metric == "lm-eval":
+            out.append(TermData(t, lm_eval=(lm_eval_task(t, job.path.parent), _documents(split, limit(t)))))
+        elif use != "report":
+            out.append(TermData(t, _range(load_task(job.tasks, t.task, split.name), split).head(t.limit)))
+        else:
+            zoo_tasks[t.task] = None
+    task_splits = {name: _range(load_task(job.tasks, name, split.name), split) for name in zoo_tasks}
+    out += [TermData(FitnessTerm(task=name, metric=metric), task) for name, task in task_splits.items()
+            for metric in ("accuracy", "nll")]
+    return out
+
+
+def _documents(split: SplitRange, limit: int | None) -> tuple[int, ...] | None:
+    end = split.end if limit is None else min(split.start + limit, split.end if split.end is not None else 1 << 62)
+    return None if split.start == 0 and end is None else tuple(range(split.start, end))
 
 
 def _range(task: TaskSplit, split: SplitRange) -> TaskSplit:
@@ -65,7 +82,15 @@ def _range(task: TaskSplit, split: SplitRange) -> TaskSplit:
 
 def measure(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, terms: list[TermData]) -> Metrics:
     """Every term's score of `model` (keys `task/metric`)."""
-    return {d.key: score(model, tokenizer, d.task, d.term.metric).value for d in terms}
+    out: Metrics = {}
+    for d in terms:
+        if d.lm_eval is not None:
+            task, docs = d.lm_eval
+            out[d.key] = lm_eval_score(model, tokenizer, task, samples=None if docs is None else list(docs),
+                                       metric=d.term.lm_eval_metric).value
+        else:
+            out[d.key] = score(model, tokenizer, d.task, d.term.metric).value
+    return out
 
 
 def combine(job: Job, metrics: Metrics, reference: Reference | None) -> float:

@@ -9,7 +9,8 @@
     fitness:
       tasks: ../zoo/tasks
       normalize: gap                         # gap | experts | start | none
-      terms: [{task: add, metric: nll, weight: 1.0, limit: 64}, {task: sort}]
+      terms: [{task: add, metric: nll, weight: 1.0, limit: 64}, {task: sort},
+              {task: ../lm_eval/my_task, metric: lm-eval, lm_eval_metric: exact_match, expert: ../zoo/experts/add}]
     optimizer: {name: NGOpt, budget: 64, seed: 0}   # any name in nevergrad's registry
     workers: {count: 2, device: cpu}
     splits: {fitness: "validation[0:100]", select: "validation[100:200]", report: test}
@@ -27,7 +28,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergelab.errors import RecipeError
+from mergelab.errors import MergelabError, RecipeError
 from mergelab.methods import get_method
 from mergelab.methods.base import REQUIRED, MergeMethod, Param
 from mergelab.recipe import (Conditional, Recipe, Setting, describe_validation_error, evaluate, load_recipe, parse_recipe,
@@ -53,15 +54,19 @@ class SearchEntry(_Strict):
 
 
 class FitnessTerm(_Strict):
+    """A zoo skill scored by answer NLL or exact match, or an lm-eval task (`metric: lm-eval`:
+    `task` is an lm-eval task name or a local task folder, `lm_eval_metric` the metric it reports)."""
+
     task: str
-    metric: Literal["nll", "accuracy"] = "nll"
+    metric: Literal["nll", "accuracy", "lm-eval"] = "nll"
+    lm_eval_metric: str | None = None
     weight: float = 1.0
     limit: int | None = Field(None, ge=1)
     expert: str | None = None  # the model this skill's score is normalised by (default: the template model named like the task)
 
 
 class FitnessSpec(_Strict):
-    tasks: str
+    tasks: str | None = None  # the zoo's tasks folder (for the nll and accuracy terms)
     terms: list[FitnessTerm] = Field(min_length=1)
     goal: Literal["minimize", "maximize"] | None = None
     normalize: Literal["gap", "experts", "start", "none"] | None = None
@@ -162,8 +167,8 @@ def parse_job(data: dict, root: Path, label: str, path: Path | None = None) -> J
     _check_optimizer(spec.optimizer, label)
     _check_device(spec.workers, label)
     splits = _splits(spec.splits, label)
-    tasks = resolve_path(root, spec.fitness.tasks)
-    _check_fitness(spec.fitness, tasks, splits, label)
+    tasks = resolve_path(root, spec.fitness.tasks or ".")
+    _check_fitness(spec.fitness, tasks, splits, root, label)
     experts = _experts(spec.fitness, template, root, label)
     base_ref = template.ref(template.base_model) if template.base_model else None
     base = (base_ref.adapter or base_ref.path) if base_ref else None
@@ -314,18 +319,60 @@ def _splits(spec: SplitSpec, label: str) -> dict[str, SplitRange]:
     return out
 
 
-def _check_fitness(fit: FitnessSpec, tasks: Path, splits: dict[str, SplitRange], label: str) -> None:
-    if not tasks.is_dir():
+def _check_fitness(fit: FitnessSpec, tasks: Path, splits: dict[str, SplitRange], root: Path, label: str) -> None:
+    zoo_terms = [(i, t) for i, t in enumerate(fit.terms) if t.metric != "lm-eval"]
+    if zoo_terms and fit.tasks is None:
+        raise RecipeError(f"{label}: fitness.tasks: required for nll and accuracy terms (the zoo's tasks folder)")
+    if zoo_terms and not tasks.is_dir():
         raise RecipeError(f"{label}: fitness.tasks: {tasks}: folder not found (build the zoo: mergelab zoo build DIR)")
-    known = sorted(p.name for p in tasks.iterdir() if p.is_dir())
-    for i, term in enumerate(fit.terms):
+    known = sorted(p.name for p in tasks.iterdir() if p.is_dir()) if zoo_terms else []
+    for i, term in zoo_terms:
         if term.task not in known:
             raise RecipeError(f"{label}: fitness.terms[{i}].task: unknown task '{term.task}' (in {tasks}: {', '.join(known) or 'none'})")
         for use, split in splits.items():
             if not (tasks / term.task / f"{split.name}.jsonl").is_file():
                 raise RecipeError(f"{label}: splits.{use}: task '{term.task}' has no split '{split.name}'")
+    for i, term in enumerate(fit.terms):
+        if term.metric == "lm-eval":
+            _check_lm_eval_term(term, splits, root, f"{label}: fitness.terms[{i}]")
+        elif term.lm_eval_metric is not None:
+            raise RecipeError(f"{label}: fitness.terms[{i}].lm_eval_metric: only for metric: lm-eval")
     if goal_of(fit) is None:
         raise RecipeError(f"{label}: fitness.goal: the terms mix nll and accuracy; set goal and sign the weights")
+
+
+def _check_lm_eval_term(term: FitnessTerm, splits: dict[str, SplitRange], root: Path, where: str) -> None:
+    """An lm-eval task has one evaluation split of its own: the three split ranges index its
+    documents, so they must not overlap as ranges, and a range that starts later must end."""
+    import lm_eval.tasks
+
+    from mergelab.eval.lm_eval_bridge import _resolve
+
+    task = lm_eval_task(term, root)
+    try:
+        name, folder = _resolve(task, None)
+    except MergelabError as exc:
+        raise RecipeError(f"{where}.task: {exc}") from None
+    manager = lm_eval.tasks.TaskManager(include_path=str(folder) if folder else None, include_defaults=folder is None)
+    if name not in manager.all_tasks:
+        raise RecipeError(f"{where}.task: unknown lm-eval task '{term.task}' (neither a task folder nor a task name)")
+    ranges = {use: SplitRange("docs", s.start, s.end) for use, s in splits.items()}
+    uses = list(ranges)
+    for i, a in enumerate(uses):
+        if ranges[a].start > 0 and ranges[a].end is None:
+            raise RecipeError(f"{where}: splits.{a} starts at document {ranges[a].start} with no end; "
+                              "an lm-eval term needs an end (e.g. test[200:400])")
+        for b in uses[i + 1:]:
+            if ranges[a].overlaps(ranges[b]):
+                raise RecipeError(f"{where}: splits.{a} and splits.{b} overlap as document ranges of the lm-eval task "
+                                  "(it has one evaluation split); give disjoint ranges, e.g. validation[0:100], "
+                                  "validation[100:200], validation[200:400]")
+
+
+def lm_eval_task(term: FitnessTerm, root: Path) -> str:
+    """The lm-eval task of a term: a folder relative to the job when there is one, else the name."""
+    folder = resolve_path(root, term.task)
+    return str(folder) if folder.is_dir() else term.task
 
 
 def goal_of(fit: FitnessSpec) -> Literal["minimize", "maximize"] | None:
@@ -335,7 +382,7 @@ def goal_of(fit: FitnessSpec) -> Literal["minimize", "maximize"] | None:
         return fit.goal
     if normalize_of(fit) == "gap":
         return "minimize"
-    metrics = {t.metric for t in fit.terms}
+    metrics = {"nll" if t.metric == "nll" else "score" for t in fit.terms}  # accuracy, lm-eval: higher is better
     if len(metrics) > 1:
         return None
     return "minimize" if metrics == {"nll"} else "maximize"
