@@ -331,3 +331,15 @@ def test_extract_gpt2_conv1d_round_trip(tmp_path: Path) -> None:
 def test_python_api(tmp_path: Path, llama: dict[str, Path]) -> None:
     out = compose([llama["a"], llama["b"]], [0.5, 0.5], tmp_path / "mix", method="ties", density=0.5, rank=4)
     assert load_adapter(out).modules["model.layers.0.self_attn.k_proj"].rank == 4
+
+
+def test_composed_zoo_adapter_finds_its_base_from_its_own_folder(tmp_path, zoo_dir) -> None:
+    """The zoo's adapters name their base relative to their folder; the composed one, relative to its own."""
+    from mergelab.eval import load_model
+    from mergelab.lora import compose
+
+    out = compose([zoo_dir / "adapters" / "add", zoo_dir / "adapters" / "sort"], [0.5, 0.5], tmp_path / "deep" / "mix",
+                  method="cat")
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert (out / base).resolve() == (zoo_dir / "base").resolve()
+    load_model(out)  # finds the base

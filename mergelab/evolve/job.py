@@ -164,8 +164,8 @@ def parse_job(data: dict, root: Path, label: str, path: Path | None = None) -> J
     methods = _methods(spec, template, label)
     dims = tuple(_dimension(e, i, template, methods, root, label) for i, e in enumerate(spec.search))
     _check_unique(dims, label)
-    _check_optimizer(spec.optimizer, label)
-    _check_device(spec.workers, label)
+    check_optimizer(spec.optimizer, label)
+    check_device(spec.workers, label)
     splits = _splits(spec.splits, label)
     tasks = resolve_path(root, spec.fitness.tasks or ".")
     _check_fitness(spec.fitness, tasks, splits, root, label)
@@ -278,7 +278,7 @@ def _check_unique(dims: tuple[Dimension, ...], label: str) -> None:
 
 
 # ---------------------------------------------------------------- optimizer, workers, splits, fitness
-def _check_optimizer(opt: OptimizerSpec, label: str) -> None:
+def check_optimizer(opt: OptimizerSpec, label: str) -> None:
     import nevergrad as ng
 
     if opt.name not in ng.optimizers.registry:
@@ -287,7 +287,7 @@ def _check_optimizer(opt: OptimizerSpec, label: str) -> None:
         raise RecipeError(f"{label}: optimizer.name: unknown nevergrad optimizer '{opt.name}'; {hint}")
 
 
-def _check_device(workers: WorkerSpec, label: str) -> None:
+def check_device(workers: WorkerSpec, label: str) -> None:
     import torch
 
     try:

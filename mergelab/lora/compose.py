@@ -67,6 +67,9 @@ def compose(adapters: Sequence[str | os.PathLike[str]], weights: Sequence[float]
     dev = resolve_device(device)
     loaded = [load_adapter(a) for a in adapters]
     result = combine(loaded, weights, method=method, rank=rank, density=density, options=options, seed=seed, device=dev)
+    base = loaded[0].base_model
+    if base and loaded[0].path is not None and (loaded[0].path / base).is_dir():  # a path relative to the input adapter
+        result.config["base_model_name_or_path"] = os.path.relpath((loaded[0].path / base).resolve(), Path(out).resolve())
     return commit_adapter(result, folder)
 
 
@@ -134,7 +137,7 @@ Rule = Callable[[str, list[LoraModule | None], list[float]], LoraModule]
 
 def _rule(method: str, rank: int | None, density: float, options: dict[str, Any], seed: int, device: torch.device) -> Rule:
     if method == "linear":
-        return _linear
+        return linear_factors
     if method == "cat":
         return _cat
     merge = _update_merger(UPDATE_METHODS[method], density, options, seed, device)
@@ -148,7 +151,7 @@ def _like(template: LoraModule, A: torch.Tensor, B: torch.Tensor) -> LoraModule:
                       template.transposed, template.kind)
 
 
-def _linear(name: str, parts: list[LoraModule | None], weights: list[float]) -> LoraModule:
+def linear_factors(name: str, parts: list[LoraModule | None], weights: list[float]) -> LoraModule:
     """LoraHub: A = sum_i w_i A_i, B = sum_i w_i s_i B_i."""
     mods = [p for p in parts if p is not None]
     A = sum(w * m.A.float() for w, m in zip(weights, mods))  # (r, in)

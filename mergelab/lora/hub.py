@@ -56,7 +56,7 @@ from mergelab.eval.scorers import answer_nll
 from mergelab.evolve.workers import Done, WorkerPool, ask_tell
 from mergelab.execute import resolve_device
 from mergelab.lora.adapter import LoraAdapter, load_adapter, save_adapter, unit_scale_config
-from mergelab.lora.compose import _linear as linear_rule
+from mergelab.lora.compose import linear_factors as linear_rule
 from mergelab.lora.compose import combine
 from mergelab.lora.hub_job import HubJob
 from mergelab.writer import OutputFolder

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergelab.errors import MergelabError, RecipeError
 from mergelab.eval.data import Example, TaskSplit, load_task, read_jsonl
-from mergelab.evolve.job import OptimizerSpec, SplitRange, WorkerSpec, _check_device, _check_optimizer, parse_split
+from mergelab.evolve.job import OptimizerSpec, SplitRange, WorkerSpec, check_device, check_optimizer, parse_split
 from mergelab.lora.adapter import read_config
 from mergelab.recipe import describe_validation_error, read_yaml_mapping, resolve_path
 
@@ -103,8 +103,8 @@ def parse_hub_job(data: dict, root: Path, label: str, path: Path | None = None) 
         raise RecipeError(f"{label}: base: {base}: not a model folder (no config.json)")
     adapters = _adapters(spec.adapters, root, label)
     _check_bounds(spec.optimizer, label)
-    _check_optimizer(spec.optimizer, label)
-    _check_device(spec.workers, label)
+    check_optimizer(spec.optimizer, label)
+    check_device(spec.workers, label)
     examples = _examples(spec.examples, root, label)
     report = _report(spec, root, label)
     metrics = tuple(dict.fromkeys(spec.report.metrics)) if spec.report else ()

@@ -29,7 +29,6 @@ from typing import ClassVar
 import torch
 
 from mergelab.methods import _sparsify
-from mergelab.methods._common import CHUNK
 from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
 CHUNK = 1 << 20  # elements per step of the elementwise pass (~1 MB of float32)
