@@ -55,12 +55,12 @@ def term_data(job: Job, use: str) -> list[TermData]:
     tasks on both metrics (answer NLL and exact-match accuracy). An lm-eval term reads the split
     range as document indices of its task's own evaluation split (the split name is not used)."""
     split = job.splits[use]
-    limit = (lambda t: t.limit) if use != "report" else (lambda t: None)
     out: list[TermData] = []
     zoo_tasks: dict[str, None] = {}
     for t in job.spec.fitness.terms:
         if t.metric == "lm-eval":
-            out.append(TermData(t, lm_eval=(lm_eval_task(t, job.path.parent), _documents(split, limit(t)))))
+            limit = None if use == "report" else t.limit
+            out.append(TermData(t, lm_eval=(lm_eval_task(t, job.path.parent), _documents(split, limit))))
         elif use != "report":
             out.append(TermData(t, _range(load_task(job.tasks, t.task, split.name), split).head(t.limit)))
         else:
@@ -72,8 +72,9 @@ def term_data(job: Job, use: str) -> list[TermData]:
 
 
 def _documents(split: SplitRange, limit: int | None) -> tuple[int, ...] | None:
-    end = split.end if limit is None else min(split.start + limit, split.end if split.end is not None else 1 << 62)
-    return None if split.start == 0 and end is None else tuple(range(split.start, end))
+    """The document indices of a split range, at most `limit` of them; None: every document."""
+    ends = [e for e in (split.end, None if limit is None else split.start + limit) if e is not None]
+    return tuple(range(split.start, min(ends))) if ends else None
 
 
 def _range(task: TaskSplit, split: SplitRange) -> TaskSplit:

@@ -189,7 +189,7 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
     trials = list(told)
 
     def record(done: Done, loss: float) -> None:
-        trial = _trial(space, done, loss)
+        trial = _trial(space, done, loss, _loss(job, done.result, reference)[1])
         append_trial(run_dir, trial)
         trials.append(trial)
 
@@ -209,9 +209,8 @@ def _loss(job: Job, result: dict[str, Any], reference: Reference | None) -> tupl
     return (WORST, "fitness is NaN") if math.isnan(loss) else (loss, None)
 
 
-def _trial(space: SearchSpace, done: Done, loss: float) -> Trial:
+def _trial(space: SearchSpace, done: Done, loss: float, error: str | None) -> Trial:
     result = done.result
-    error = result["error"] if result["error"] is not None else ("fitness is NaN" if loss == WORST else None)
     if error is not None:
         log.warning("trial %d: %s; scored worst", done.index, error)
     return Trial(done.index, done.genome, _values(space, done.genome), result["metrics"], loss, result["seconds"],

@@ -185,10 +185,8 @@ class _Ray:
         self._names: dict[Any, str] = {}
         self._queue: collections.deque[tuple[int, Genome]] = collections.deque()
         self._running: dict[Any, tuple[Any, int, Genome]] = {}  # object ref -> (actor, index, genome)
-        actors = [self._new_actor() for _ in range(count)]
-        self._await_ready(actors)
-        self._idle.extend(actors)
-        self.pids = {self._names[a]: pid for a, pid in zip(actors, ray.get([a.ready.remote() for a in actors]))}
+        self.pids: dict[str, int] = {}  # worker name -> its process id
+        self._start([self._new_actor() for _ in range(count)])
 
     # ------------------------------------------------------------ actors
     def _new_actor(self) -> Any:
@@ -199,17 +197,19 @@ class _Ray:
         self._names[actor] = name
         return actor
 
-    def _await_ready(self, actors: list[Any]) -> None:
-        """Wait until the actors have built their evaluators; an evaluator's own error is raised as is."""
+    def _start(self, actors: list[Any]) -> None:
+        """Wait until the actors have built their evaluators, then make them idle; an evaluator's
+        own error is raised as is."""
         try:
-            self.ray.get([a.ready.remote() for a in actors])
+            pids = self.ray.get([a.ready.remote() for a in actors])
         except self.ray.exceptions.RayTaskError as exc:
             self._kill(actors)
-            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-            raise cause from None
+            raise _cause(exc) from None
         except self.ray.exceptions.RayActorError as exc:
             self._kill(actors)
             raise WorkerError(f"a worker died while starting: {str(exc).splitlines()[0]}") from None
+        self.pids.update({self._names[a]: pid for a, pid in zip(actors, pids)})
+        self._idle.extend(actors)
 
     def _kill(self, actors: list[Any]) -> None:
         for a in actors:
@@ -248,7 +248,7 @@ class _Ray:
             except self.ray.exceptions.RayTaskError as exc:
                 self._idle.append(actor)
                 self._dispatch()
-                raise exc.cause if isinstance(exc.cause, BaseException) else exc
+                raise _cause(exc) from None
             self._idle.append(actor)
             self._dispatch()
             return Done(index, genome, result, self._names[actor])
@@ -262,10 +262,7 @@ class _Ray:
         if self._deaths > self._max_deaths:
             raise WorkerError(f"{self._deaths} workers died (the last on candidate {index}); giving up")
         self._queue.appendleft((index, genome))
-        replacement = self._new_actor()
-        self._await_ready([replacement])
-        self.pids[self._names[replacement]] = self.ray.get(replacement.ready.remote())
-        self._idle.append(replacement)
+        self._start([self._new_actor()])
         self._dispatch()
 
     def call(self, method: str, *args: Any) -> Any:
@@ -273,13 +270,18 @@ class _Ray:
         try:
             return self.ray.get(actor.call.remote(method, *args))
         except self.ray.exceptions.RayTaskError as exc:
-            raise exc.cause if isinstance(exc.cause, BaseException) else exc from None
+            raise _cause(exc) from None
 
     def close(self) -> None:
         self._kill(list(self._names))
         self._names.clear()
         if self._owns_ray:
             self.ray.shutdown()
+
+
+def _cause(exc: Any) -> BaseException:
+    """The evaluator's own exception inside a Ray task error (its type and message), when there is one."""
+    return exc.cause if isinstance(exc.cause, BaseException) else exc
 
 
 def _gpus_per_worker(ray: Any, device: str, count: int) -> float:
