@@ -3,7 +3,7 @@
 #   1) install mergelab into ./.venv (CPU torch first),
 #   2) build the tiny trained zoo (a base, three experts, LoRA adapters, task data; ~5 min on 2 cores),
 #   3) merge its experts three ways (uniform linear, uniform task arithmetic, TIES),
-#   4) search a TIES recipe by evolution (mergelab search) and merge the recipe it finds,
+#   4) search a merge recipe by evolution (mergelab search) and merge the recipe it finds,
 #   5) score every model on every skill: what merging keeps and what it loses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,12 +15,12 @@ for recipe in examples/uniform_linear.yaml examples/uniform_task_arithmetic.yaml
     name=$(basename "$recipe" .yaml)
     mergelab merge "$recipe" "out/$name" --overwrite
 done
-# the evolutionary search of a TIES recipe (about 2 minutes, 2 workers; --resume reuses a finished run)
-mergelab search search/evolve_ties.yaml --out runs/evolve_ties --resume
-mergelab search report runs/evolve_ties
-mergelab merge runs/evolve_ties/best.yaml out/searched_ties --overwrite
+# the default evolutionary search (search/evolve.yaml: 100 candidates; --resume reuses a finished run)
+mergelab search search/evolve.yaml --out runs/evolve --resume
+mergelab search report runs/evolve
+mergelab merge runs/evolve/best.yaml out/searched --overwrite
 python examples/zoo_table.py zoo \
     --model uniform_linear=out/uniform_linear \
     --model uniform_task_arithmetic=out/uniform_task_arithmetic \
     --model ties=out/ties \
-    --model searched_ties=out/searched_ties
+    --model searched=out/searched

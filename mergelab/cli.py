@@ -72,8 +72,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model folder (HF model, or PEFT adapter whose base it names)")
     p.add_argument("--task", required=True, help="zoo skill, JSONL file, lm-eval task name or local lm-eval task folder")
     p.add_argument("--split", default="test", help="split of a zoo skill (default test; lm-eval uses its task's split)")
-    p.add_argument("--metric", choices=("accuracy", "nll", "lm-eval"), default=None,
-                   help="accuracy (default for zoo skills and files), nll, or lm-eval (default for other tasks)")  # fmt: skip
+    p.add_argument("--metric", choices=("accuracy", "nll", "prob", "lm-eval"), default=None,
+                   help="accuracy (default for zoo skills and files), nll, prob, or lm-eval (default for other tasks)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--zoo", default=None, help="zoo folder holding the task data (default: the zoo MODEL sits in)")
     p.add_argument("--batch-size", type=int, default=256, help="examples per forward pass (default 256)")

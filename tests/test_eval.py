@@ -18,6 +18,7 @@ from mergelab.eval import (
     Example,
     TaskSplit,
     answer_nll,
+    answer_prob,
     greedy_answers,
     lm_eval_score,
     load_model,
@@ -71,6 +72,14 @@ def test_nll_matches_hand_computed_value(tok):
     model = BigramLM(tok, ROWS)
     assert answer_nll(model, tok, EXAMPLES) == pytest.approx(expected, rel=1e-6)
     assert answer_nll(model, tok, EXAMPLES, batch_size=1) == pytest.approx(expected, rel=1e-6)
+
+
+def test_answer_probability_matches_hand_computed_value(tok):
+    # the probability of each whole answer (with <eos>) under ROWS, averaged over the examples
+    expected = (0.5 * 0.5 + 0.5 * 0.25 * 0.8 + 0.25 * 0.8) / 3
+    model = BigramLM(tok, ROWS)
+    assert answer_prob(model, tok, EXAMPLES) == pytest.approx(expected, rel=1e-6)
+    assert score(model, tok, TaskSplit("toy", "test", EXAMPLES), metric="prob", batch_size=2).value == pytest.approx(expected, rel=1e-6)
 
 
 def test_greedy_and_accuracy_match_hand_computed_values(tok):

@@ -42,7 +42,7 @@ JOB = {
         {"model": "models/sort", "param": "density"},
         {"param": "lambda", "low": 0.5, "high": 2.0},
     ],
-    "fitness": {"tasks": "tasks", "terms": [{"task": "add", "limit": 8}, {"task": "sort"}]},
+    "fitness": {"tasks": "tasks", "terms": [{"task": "add", "metric": "nll", "limit": 8}, {"task": "sort", "metric": "nll"}]},
     "optimizer": {"name": "CMA", "budget": 8, "seed": 1},
 }
 
@@ -97,6 +97,10 @@ def test_job_file_with_recipe_path(world: Path) -> None:
     ({}, {"methods": ["ties", "tiez"]}, "methods[1]: unknown method 'tiez'"),
     ({}, {"optimiser": {"name": "CMA"}}, "optimiser: unknown key"),
     ({"optimizer.budget": 0}, {}, "optimizer.budget: Input should be greater than or equal to 1"),
+    ({}, {"optimizer": {"name": "NGOpt", "options": {"scale": 2.0}}}, "optimizer.options: NGOpt takes no options"),
+    ({}, {"optimizer": {"name": "ParametrizedCMA", "options": {"sigma": 2.0}}},
+     "optimizer.options: ParametrizedCMA takes no option 'sigma'; it takes: algorithm, diagonal"),
+    ({}, {"models": ["models/add", "models/sort"]}, "give either recipe: or models: and base_model:, not both"),
 ])
 def test_bad_jobs_give_one_line_errors_naming_the_key(world: Path, edit: dict, top: dict, message: str) -> None:
     with pytest.raises(RecipeError) as err:
@@ -109,6 +113,33 @@ def test_normalising_by_experts_needs_an_expert(world: Path) -> None:
     with pytest.raises(RecipeError, match=r"fitness.terms\[0\].expert: no model of the recipe is named 'add'"):
         job_with(world, {"recipe.models.0.model": "models/base", "search.0.model": "models/base",
                          "search.1.model": "models/base"})
+
+
+def test_short_form_names_only_models_and_skills(world: Path) -> None:
+    """models + base_model + bare skill names: task arithmetic from the average, every model's
+    weight per layer group searched in [0, DEFAULT_HIGH], terms with the default metric."""
+    from mergelab.evolve import job as job_module
+
+    data = {"base_model": "models/base", "models": ["models/add", "models/sort"], "fitness": {"tasks": "tasks", "terms": ["add", "sort"]}}
+    job = parse_job(data, world, "short.yaml")
+    assert job.template.merge_method == job_module.DEFAULT_METHOD
+    assert [m.parameters for m in job.template.models] == [{"weight": 0.5}, {"weight": 0.5}]
+    assert [(d.key, d.groups, d.low, d.high, d.start) for d in job.dimensions] == [
+        (f"models[{i}].weight", job_module.DEFAULT_GROUPS, 0.0, job_module.DEFAULT_HIGH, (0.5,) * job_module.DEFAULT_GROUPS)
+        for i in range(2)]
+    assert [t.task for t in job.spec.fitness.terms] == ["add", "sort"] and job.experts == (world / "models" / "add", world / "models" / "sort")
+    with pytest.raises(RecipeError, match=r"^short.yaml: give recipe: \(a template recipe\), or models: and base_model:"):
+        parse_job({**data, "base_model": None}, world, "short.yaml")
+
+
+def test_optimizer_options_configure_a_nevergrad_family(world: Path) -> None:
+    from mergelab.evolve.optimizer import make_optimizer
+
+    job = job_with(world, optimizer={"name": "ParametrizedCMA", "budget": 8, "seed": 0, "options": {"scale": 0.5, "popsize": 6}})
+    opt = make_optimizer(job.spec.optimizer.name, job.spec.optimizer.options, SearchSpace(job).parametrization(seed=0), 8, 1)
+    assert opt._config.scale == 0.5 and opt._config.popsize == 6  # nevergrad's own configured CMA
+    twin = job_with(world, optimizer={"name": "TwoPointsDE", "budget": 8, "options": {"popsize": 12}})
+    assert make_optimizer("TwoPointsDE", twin.spec.optimizer.options, SearchSpace(twin).parametrization(), 8, 1).llambda == 12
 
 
 # ---------------------------------------------------------------- genome <-> recipe

@@ -19,10 +19,15 @@ from tests.helpers import load_state
 CATALOG = Path(__file__).resolve().parents[1] / "search" / "evolve_task_arithmetic.yaml"
 
 
-def catalog_job(tmp: Path, zoo_dir: Path, budget: int):
-    """The catalog job, pointed at the test zoo, on small splits."""
+def catalog_job(tmp: Path, zoo_dir: Path, budget: int, start: float | None = None):
+    """The catalog job, pointed at the test zoo, on small splits (every searched weight starting
+    at `start` when given)."""
     data = yaml.safe_load(CATALOG.read_text())
     data["optimizer"] = {"name": "NGOpt", "budget": budget, "seed": 0}
+    if start is not None:
+        for entry in data["search"]:
+            if entry["param"] == "weight":
+                entry["start"] = [start] * entry["groups"] if entry.get("groups", 1) > 1 else start
     data["fitness"]["terms"] = [{**t, "limit": 12} for t in data["fitness"]["terms"]]
     data["splits"] = {"fitness": "validation[0:12]", "select": "validation[100:112]", "report": "test[0:12]"}
     (tmp / "search").mkdir(exist_ok=True)
@@ -34,8 +39,11 @@ def catalog_job(tmp: Path, zoo_dir: Path, budget: int):
 
 
 def test_search_improves_resumes_and_best_yaml_reproduces(tmp_path: Path, zoo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The start is nearly the base (weights 0.05): every expert is well ahead of the base in answer
+    # NLL on its skill (test_zoo), so larger weights close much of the gap, on any machine. (From
+    # the catalog's 0.5/0.5 start, 7 candidates improved on one machine and not on another.)
     run = tmp_path / "run"
-    first = loop.run_search(catalog_job(tmp_path, zoo_dir, 4), run, progress=False)
+    first = loop.run_search(catalog_job(tmp_path, zoo_dir, 4, start=0.05), run, progress=False)
     lines = (run / loop.TRIALS).read_text().splitlines()
     assert len(lines) == 4 and {"genome", "values", "metrics", "loss", "seconds", "worker"} <= set(json.loads(lines[0]))
 
@@ -43,18 +51,19 @@ def test_search_improves_resumes_and_best_yaml_reproduces(tmp_path: Path, zoo_di
     evaluated: list[dict] = []
     original = loop.SearchEvaluator.evaluate
     monkeypatch.setattr(loop.SearchEvaluator, "evaluate", lambda self, g: evaluated.append(g) or original(self, g))
-    job = catalog_job(tmp_path, zoo_dir, 7)
+    job = catalog_job(tmp_path, zoo_dir, 7, start=0.05)
     result = loop.run_search(job, run, resume=True, progress=False)
     assert len(evaluated) == 3 and [t.index for t in loop.read_trials(run)] == list(range(7))
     assert (run / loop.TRIALS).read_text().splitlines()[:4] == lines
     with pytest.raises(Exception, match="pass --resume"):
         loop.run_search(job, run, progress=False)
 
-    # the search beat its start on the fitness split
+    # the search beat its start on the fitness split by a margin (the loss is the share of each
+    # expert's NLL gain over the base that is lost, summed over the two skills: about 2 at the start)
     evaluator = loop.SearchEvaluator(job, "cpu")
     start_loss = combine(job, evaluator.score(evaluator.space.start(), "fitness"), evaluator.reference("fitness"))
     trials = loop.read_trials(run)
-    assert min(t.loss for t in trials) < start_loss
+    assert start_loss > 1.5 and min(t.loss for t in trials) < start_loss - 0.02
     assert first.best_yaml == result.best_yaml and set(result.report) >= {"best", "start"}
 
     # best.yaml is complete and merges to the in-memory candidate of the best genome, bit for bit

@@ -55,3 +55,22 @@ def test_search_jobs_validate_against_the_zoo(tmp_path: Path, zoo_dir: Path, job
     folder = place([job], "search", tmp_path, zoo_dir)
     loaded = load_job(folder / job.name)
     assert loaded.dimensions and loaded.spec.optimizer.budget > 0
+
+
+def test_the_default_job_runs_as_written(tmp_path: Path, zoo_dir: Path) -> None:
+    """search/evolve.yaml (models and skills only): a few candidates on small splits; the start is
+    the plain average of the experts and the report scores it beside the best."""
+    import yaml
+
+    from mergelab.evolve.loop import read_trials, run_search
+
+    folder = place([REPO / "search" / "evolve.yaml"], "search", tmp_path, zoo_dir)
+    data = yaml.safe_load((folder / "evolve.yaml").read_text())
+    data["optimizer"] = {"budget": 5}
+    data["splits"] = {"fitness": "validation[0:16]", "select": "validation[16:32]", "report": "test[0:16]"}
+    (folder / "evolve.yaml").write_text(yaml.safe_dump(data))
+    job = load_job(folder / "evolve.yaml")
+    assert [t.metric for t in job.spec.fitness.terms] == ["prob"] * 3 and len(job.dimensions) == 3
+    result = run_search(job, tmp_path / "run", progress=False)
+    assert len(read_trials(tmp_path / "run")) == 5 and result.best_yaml.is_file()
+    assert {"best", "start", "uniform"} <= set(result.report) and result.report["start"] == result.report["uniform"]

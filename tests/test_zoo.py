@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
@@ -92,6 +93,46 @@ def test_experts_beat_base_on_their_skill(zoo_dir):
     # the reduced zoo's `add` expert gains least (about +0.06: `add` needs more steps than the
     # reduced budget); reverse and sort gain 0.8-1.0. The full zoo's numbers are in the README.
     assert sum(aheads) / len(aheads) >= 0.3
+
+
+def test_build_records_the_properties(zoo_dir, tmp_path):
+    """zoo.json holds what the build measured on the test split (base, experts, uniform merges,
+    the pool on the LoraHub target), the shares each uniform merge keeps, and every missed margin."""
+    from mergelab.zoo.properties import summarize
+
+    zoo = open_zoo(zoo_dir)
+    props = zoo.manifest["properties"]
+    acc = props["accuracy"]
+    assert {"base", *(f"expert:{s}" for s in zoo.experts), "uniform:linear", "uniform:task_arithmetic", "uniform:ties"} <= set(acc)
+    assert {f"adapter:{s}" for s in zoo.adapters} <= set(acc) and set(props["lorahub"]) == set(zoo.held_out)
+    # the recorded numbers are the test split's, as scored now; misses follow from them and the targets
+    expert, tok = load_model(zoo.experts["sort"])
+    assert score(expert, tok, load_task(zoo_dir, "sort", "test"), "accuracy").value == pytest.approx(acc["expert:sort"]["sort"], abs=1e-4)
+    assert props["targets"] == asdict(zoo_build.REDUCED.targets)
+    assert summarize(acc, list(zoo.experts), tuple(zoo.held_out), zoo_build.REDUCED.targets) == props
+    # a uniform merge's numbers are those of the model `mergelab merge` writes for it
+    from mergelab.merging import merge
+    from mergelab.zoo.properties import uniform_recipes
+
+    recipe = tmp_path / "linear.yaml"
+    recipe.write_text(yaml.safe_dump(uniform_recipes(zoo_dir, zoo.experts)["linear"]))
+    merged, _ = load_model(merge(recipe, tmp_path / "linear", progress=False))
+    for skill in zoo.experts:
+        got = score(merged, tok, load_task(zoo_dir, skill, "test"), "accuracy").value
+        assert got == pytest.approx(acc["uniform:linear"][skill], abs=1e-4), skill
+
+
+def test_missed_properties_are_reported_loudly(caplog):
+    from mergelab.zoo.properties import Targets, report_misses, summarize
+
+    acc = {"base": {"a": 0.5, "b": 0.0}, "expert:a": {"a": 0.9, "b": 0.0}, "expert:b": {"a": 0.0, "b": 0.6},
+           "uniform:linear": {"a": 0.8, "b": 0.5}}
+    props = summarize(acc, ["a", "b"], (), Targets())
+    # gain: mean of (0.9 - 0.5, 0.6 - 0) = 0.5; the average keeps mean of (0.3, 0.5) / 0.5 = 0.8
+    assert props["mean_gain"] == pytest.approx(0.5) and props["uniform_kept"] == {"linear": pytest.approx(0.8)}
+    assert len(props["misses"]) == 3  # the base on a, expert b, the uniform merge keeps 80%
+    report_misses(props, Path("zoo"))
+    assert sum("ZOO PROPERTY MISSED" in r.message for r in caplog.records) == 3
 
 
 def test_adapters_improve_their_skill(zoo_dir):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from mergelab.eval.data import Example, TaskSplit, load_task, read_jsonl, task_file
 from mergelab.eval.lm_eval_bridge import lm_eval_score, zoo_task_folder
 from mergelab.eval.models import load_model, load_tokenizer
-from mergelab.eval.scorers import METRICS, Score, answer_nll, exact_match_accuracy, greedy_answers, score
+from mergelab.eval.scorers import METRICS, Score, answer_nll, answer_prob, exact_match_accuracy, greedy_answers, score
 
 __all__ = [
     "METRICS",
@@ -18,6 +18,7 @@ __all__ = [
     "Score",
     "TaskSplit",
     "answer_nll",
+    "answer_prob",
     "exact_match_accuracy",
     "greedy_answers",
     "lm_eval_score",

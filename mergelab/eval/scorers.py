@@ -10,6 +10,8 @@ a test double. Nothing is read from disk and the model is not copied.
 - `nll`: mean negative log-likelihood (nats per token) of the answer tokens and the closing
   `<eos>`, given the prompt; one teacher-forced forward pass per batch. A smooth fitness
   signal: it moves with every weight change, where accuracy moves in steps of 1/n.
+- `prob`: mean probability of the whole answer given the prompt (the same forward pass): the
+  exact-match accuracy of sampling, smooth like NLL and bounded like accuracy.
 """
 
 from __future__ import annotations
@@ -61,24 +63,45 @@ def _batches(items: Sequence[T], batch_size: int) -> list[Sequence[T]]:
 
 
 @torch.inference_mode()
-def answer_nll(
+def answer_logprobs(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], batch_size: int = 256
-) -> float:
-    """Mean NLL in nats per answer token (the answer's tokens plus `<eos>`), teacher-forced."""
-    total, count = 0.0, 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, the summed log-probability of its answer tokens (the answer and `<eos>`),
+    teacher-forced, and how many tokens that is: two (n,) float64 tensors."""
+    sums, counts = [], []
     for chunk in _batches(examples, batch_size):
         enc = encode_teacher_forced(tokenizer, chunk)
         ids = enc.input_ids.to(_device(model))
         logits = model(input_ids=ids, attention_mask=enc.attention_mask.to(ids.device)).logits  # (b, t, v)
         # 1) position t predicts token t+1
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (b, t-1, v)
-        target = ids[:, 1:]  # (b, t-1)
-        picked = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (b, t-1)
+        picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (b, t-1)
         # 2) keep only the positions whose target is an answer token
-        mask = enc.answer_mask[:, 1:].to(ids.device)
-        total -= picked[mask].double().sum().item()
-        count += int(mask.sum())
-    return total / count
+        mask = enc.answer_mask[:, 1:].to(ids.device)  # (b, t-1)
+        sums.append((picked.double() * mask).sum(-1).cpu())
+        counts.append(mask.sum(-1).double().cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def answer_nll(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], batch_size: int = 256
+) -> float:
+    """Mean NLL in nats per answer token (the answer's tokens plus `<eos>`), teacher-forced."""
+    sums, counts = answer_logprobs(model, tokenizer, examples, batch_size)
+    return float(-sums.sum() / counts.sum())
+
+
+def answer_prob(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], batch_size: int = 256
+) -> float:
+    """Mean probability of the whole answer (and `<eos>`) given the prompt, teacher-forced.
+
+    The chance that sampling at temperature 1 gives exactly the expected answer: an exact-match
+    accuracy made smooth. It moves with every weight change, like NLL, but it is bounded in
+    [0, 1] and weighs an example by how nearly it is right, as accuracy does: a skill whose
+    answers are already certain cannot dominate it, and one bad token costs the whole example."""
+    sums, _ = answer_logprobs(model, tokenizer, examples, batch_size)
+    return float(sums.exp().mean())
 
 
 @torch.inference_mode()
@@ -136,7 +159,7 @@ def exact_match_accuracy(
     return sum(g == e.answer for g, e in zip(got, examples)) / len(examples)
 
 
-METRICS: dict[str, Callable[..., float]] = {"accuracy": exact_match_accuracy, "nll": answer_nll}
+METRICS: dict[str, Callable[..., float]] = {"accuracy": exact_match_accuracy, "nll": answer_nll, "prob": answer_prob}
 
 
 def score(

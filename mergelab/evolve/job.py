@@ -11,9 +11,20 @@
       normalize: gap                         # gap | experts | start | none
       terms: [{task: add, metric: nll, weight: 1.0, limit: 64}, {task: sort},
               {task: ../lm_eval/my_task, metric: lm-eval, lm_eval_metric: exact_match, expert: ../zoo/experts/add}]
-    optimizer: {name: NGOpt, budget: 64, seed: 0}   # any name in nevergrad's registry
+    optimizer: {name: ParametrizedCMA, budget: 64, seed: 0, options: {scale: 2.0}}   # nevergrad registry name or family
     workers: {count: 2, device: cpu}
     splits: {fitness: "validation[0:100]", select: "validation[100:200]", report: test}
+
+The short form names only the models and the skills; everything else takes the defaults
+(`bench/search_quality.py` measures them against the hand-set merges and other settings):
+
+    base_model: ../zoo/base
+    models: [../zoo/experts/add, ../zoo/experts/reverse, ../zoo/experts/sort]
+    fitness: {tasks: ../zoo/tasks, terms: [add, reverse, sort]}
+
+It stands for a `task_arithmetic` template starting at the plain average (every weight 1/N),
+a search of each model's weight per group of layers (`DEFAULT_GROUPS`, in [0, `DEFAULT_HIGH`]),
+and terms scored by `prob` (the answer's probability: smooth like NLL, bounded like accuracy).
 
 Everything is checked before anything runs; each error is one line naming the key path.
 """
@@ -26,15 +37,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergelab.errors import MergelabError, RecipeError
+from mergelab.evolve.optimizer import optimizer_family
 from mergelab.methods import get_method
 from mergelab.methods.base import REQUIRED, MergeMethod, Param
 from mergelab.recipe import (Conditional, Recipe, Setting, describe_validation_error, evaluate, load_recipe, parse_recipe,
                              read_yaml_mapping, resolve_path)
 
 GLOBAL = "global"
+DEFAULT_METHOD = "task_arithmetic"  # the short form's template
+DEFAULT_GROUPS = 3  # the short form searches each model's weight per third of the stack
+DEFAULT_HIGH = 1.5  # ... between 0 and this
 SPLIT_RE = re.compile(r"^(\w+)(?:\[(\d*):(\d*)\])?$")
 
 
@@ -54,28 +69,34 @@ class SearchEntry(_Strict):
 
 
 class FitnessTerm(_Strict):
-    """A zoo skill scored by answer NLL or exact match, or an lm-eval task (`metric: lm-eval`:
+    """A zoo skill scored by answer NLL, answer probability or exact match, or an lm-eval task (`metric: lm-eval`:
     `task` is an lm-eval task name or a local task folder, `lm_eval_metric` the metric it reports)."""
 
     task: str
-    metric: Literal["nll", "accuracy", "lm-eval"] = "nll"
+    metric: Literal["nll", "prob", "accuracy", "lm-eval"] = "prob"
     lm_eval_metric: str | None = None
     weight: float = 1.0
     limit: int | None = Field(None, ge=1)
     expert: str | None = None  # the model this skill's score is normalised by (default: the template model named like the task)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        return {"task": data} if isinstance(data, str) else data
+
 
 class FitnessSpec(_Strict):
-    tasks: str | None = None  # the zoo's tasks folder (for the nll and accuracy terms)
-    terms: list[FitnessTerm] = Field(min_length=1)
+    tasks: str | None = None  # the zoo's tasks folder (for the nll, prob and accuracy terms)
+    terms: list[FitnessTerm] = Field(min_length=1)  # a bare task name is a term with the defaults
     goal: Literal["minimize", "maximize"] | None = None
     normalize: Literal["gap", "experts", "start", "none"] | None = None
 
 
 class OptimizerSpec(_Strict):
     name: str = "NGOpt"
-    budget: int = Field(32, ge=1)
+    budget: int = Field(100, ge=1)
     seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)  # the family's configuration (`evolve.optimizer`)
 
 
 class WorkerSpec(_Strict):
@@ -91,8 +112,10 @@ class SplitSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    recipe: Union[str, dict[str, Any]]
-    search: list[SearchEntry] = Field(min_length=1)
+    recipe: Union[str, dict[str, Any], None] = None
+    models: list[str] | None = Field(None, min_length=2)  # the short form, instead of recipe
+    base_model: str | None = None
+    search: list[SearchEntry] | None = Field(None, min_length=1)  # default: every model's weight per layer group
     methods: list[str] | None = None
     fitness: FitnessSpec
     optimizer: OptimizerSpec = OptimizerSpec()
@@ -158,11 +181,12 @@ def parse_job(data: dict, root: Path, label: str, path: Path | None = None) -> J
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(f"{label}: {describe_validation_error(exc)}") from None
-    template = _template(spec.recipe, root, label)
+    template = _template(_recipe_source(spec, label), root, label)
     if template.models is None:
         raise RecipeError(f"{label}: recipe: the search supports `models:` templates; `slices:` is not supported yet")
     methods = _methods(spec, template, label)
-    dims = tuple(_dimension(e, i, template, methods, root, label) for i, e in enumerate(spec.search))
+    entries = spec.search if spec.search is not None else default_search(template)
+    dims = tuple(_dimension(e, i, template, methods, root, label) for i, e in enumerate(entries))
     _check_unique(dims, label)
     check_optimizer(spec.optimizer, label)
     check_device(spec.workers, label)
@@ -176,6 +200,25 @@ def parse_job(data: dict, root: Path, label: str, path: Path | None = None) -> J
         raise RecipeError(f"{label}: fitness.normalize: gap measures each skill between the base model and its expert, "
                           "and the recipe has no base_model; use normalize: experts")
     return Job(path or root / "job.yaml", spec, template, dims, methods, tasks, experts, base, splits)
+
+
+def _recipe_source(spec: JobSpec, label: str) -> str | dict[str, Any]:
+    """The template: `recipe:` as given, or the short form's task arithmetic over `models:` at the average."""
+    if spec.recipe is not None:
+        if spec.models is not None or spec.base_model is not None:
+            raise RecipeError(f"{label}: give either recipe: or models: and base_model:, not both")
+        return spec.recipe
+    if spec.models is None or spec.base_model is None:
+        raise RecipeError(f"{label}: give recipe: (a template recipe), or models: and base_model: (the short form)")
+    weight = 1.0 / len(spec.models)
+    return {"merge_method": DEFAULT_METHOD, "base_model": spec.base_model, "dtype": "float32",
+            "models": [{"model": m, "parameters": {"weight": weight}} for m in spec.models]}
+
+
+def default_search(template: Recipe) -> list[SearchEntry]:
+    """Without `search:`, every model's weight, one value per group of layers, in [0, DEFAULT_HIGH]."""
+    return [SearchEntry(model=m.model, param="weight", groups=DEFAULT_GROUPS, low=0.0, high=DEFAULT_HIGH)
+            for m in template.models or []]
 
 
 def _template(source: str | dict, root: Path, label: str) -> Recipe:
@@ -279,12 +322,8 @@ def _check_unique(dims: tuple[Dimension, ...], label: str) -> None:
 
 # ---------------------------------------------------------------- optimizer, workers, splits, fitness
 def check_optimizer(opt: OptimizerSpec, label: str) -> None:
-    import nevergrad as ng
-
-    if opt.name not in ng.optimizers.registry:
-        close = [n for n in ng.optimizers.registry if n.lower() == opt.name.lower()]
-        hint = f"did you mean {close[0]}?" if close else "e.g. NGOpt, CMA, DE, TwoPointsDE, PSO, OnePlusOne"
-        raise RecipeError(f"{label}: optimizer.name: unknown nevergrad optimizer '{opt.name}'; {hint}")
+    """The optimizer name and options must make an optimizer (one-line error naming the key)."""
+    optimizer_family(opt.name, opt.options, label)
 
 
 def check_device(workers: WorkerSpec, label: str) -> None:

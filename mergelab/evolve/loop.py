@@ -30,6 +30,7 @@ from mergelab.eval import load_model, load_tokenizer
 from mergelab.evolve.fitness import Metrics, Reference, check_gap, combine, make_reference, measure, needs_reference, term_data
 from mergelab.evolve.job import Job
 from mergelab.evolve.live import LiveMerger
+from mergelab.evolve.optimizer import make_optimizer
 from mergelab.evolve.space import Genome, SearchSpace
 from mergelab.evolve.workers import Done, WorkerPool, ask_tell
 from mergelab.recipe import Recipe, parse_recipe
@@ -171,8 +172,6 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
     """Run the search of `job` in `run_dir` (created); returns the best trial and `best.yaml`.
 
     `device`, `workers` and `address` override the job's `workers:` settings."""
-    import nevergrad as ng
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     told = read_trials(run_dir)
@@ -181,8 +180,7 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
     space = SearchSpace(job)
     opt, spec = job.spec.optimizer, job.spec.workers
     count = workers or spec.count
-    optimizer = ng.optimizers.registry[opt.name](parametrization=space.parametrization(seed=opt.seed), budget=opt.budget,
-                                                 num_workers=count)
+    optimizer = make_optimizer(opt.name, opt.options, space.parametrization(seed=opt.seed), opt.budget, count, str(job.path))
     for t in told:  # 2) replay, nothing re-evaluated
         optimizer.tell(optimizer.parametrization.spawn_child(new_value=space.to_ng(t.genome)), t.loss)
     device = device or spec.device

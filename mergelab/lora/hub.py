@@ -53,6 +53,7 @@ from mergelab.errors import CheckpointError, RecipeError
 from mergelab.eval import Example, TaskSplit, load_tokenizer, score
 from mergelab.eval.encode import special_ids
 from mergelab.eval.scorers import answer_nll
+from mergelab.evolve.optimizer import make_optimizer
 from mergelab.evolve.workers import Done, WorkerPool, ask_tell
 from mergelab.execute import resolve_device
 from mergelab.lora.adapter import LoraAdapter, load_adapter, save_adapter, unit_scale_config
@@ -321,7 +322,7 @@ def _optimizer(job: HubJob, count: int, budget: int) -> Any:
     opt, n = job.spec.optimizer, len(job.adapters)
     space = ng.p.Array(init=np.zeros(n), lower=opt.low, upper=opt.high)
     space.random_state = np.random.RandomState(opt.seed)
-    optimizer = ng.optimizers.registry[opt.name](parametrization=space, budget=budget, num_workers=count)
+    optimizer = make_optimizer(opt.name, opt.options, space, budget, count, str(job.path))
     optimizer.suggest(np.zeros(n))
     return optimizer
 

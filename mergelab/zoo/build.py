@@ -8,6 +8,10 @@ Layout of a zoo folder (all members share one architecture, so they merge tensor
     experts/<skill>/                  full fine-tunes of base, one skill each (+ tokenizer)
     adapters/<skill>/                 PEFT LoRA adapters on base, one skill each, same rank
 
+The build ends by measuring what the demonstrations rest on (a weak base, strong experts, real
+interference between them: `properties.py`) and records it in the manifest; a property that
+misses its margin is logged as a warning naming it.
+
 The build writes into `DIR.partial/` and renames it to `DIR` at the end, so a crash never
 leaves a folder that looks like a zoo; a leftover `DIR.partial/` is removed on the next build.
 Everything is seeded (data, init, batch order) and each member trains on one thread, so the
@@ -40,6 +44,7 @@ from transformers.utils import logging as hf_logging
 
 from mergelab.errors import OutputError
 from mergelab.eval.data import Example, read_jsonl, write_jsonl
+from mergelab.zoo.properties import Targets, measure, report_misses
 from mergelab.zoo.skills import SKILLS, SPLITS, make_splits
 from mergelab.zoo.tokenizer import build_tokenizer
 from mergelab.zoo.train import Arch, TrainSpec, deterministic, model_config, new_model, train, with_lora
@@ -47,7 +52,7 @@ from mergelab.zoo.train import Arch, TrainSpec, deterministic, model_config, new
 log = logging.getLogger(__name__)
 
 MANIFEST = "zoo.json"
-FORMAT = 2  # 2: the held-out skill is out of the base's mixture and of replay too
+FORMAT = 3  # 3: the manifest records the measured properties (2: held-out skill out of all training)
 EXPERTS = ("add", "reverse", "sort")  # arithmetic, string transformation, sorting
 ADAPTERS = ("add", "reverse", "sort", "shift", "count", "index")  # shift, count, index: no expert
 HELD_OUT = ("revshift",)  # in no training at all (base, experts, adapters, replay): composes `reverse` and `shift` (for LoraHub)
@@ -67,6 +72,7 @@ class BuildPlan:
     # forgetting of the other skills, so members stay composable (merges, LoraHub).
     expert_replay: float = 0.3
     adapter_replay: float = 0.3
+    targets: Targets = Targets()  # the margins the build's properties must meet (a miss is logged loudly)
 
 
 # The base is trained long enough to be fair at every skill, and the experts refine it with a
@@ -137,6 +143,7 @@ def build_zoo(
         shutil.rmtree(out)
     partial.rename(out)
     log.info("zoo built in %s (%.0f s)", out, manifest["build_seconds"])
+    report_misses(manifest.get("properties", {}), out)
     return out
 
 
@@ -201,6 +208,9 @@ def _build_into(root: Path, seed: int, plan: BuildPlan, reduced: bool, workers: 
     jobs = [MemberJob(str(root), "experts", s, seed, plan.expert, plan.lora_rank, plan.expert_replay) for s in EXPERTS]
     jobs += [MemberJob(str(root), "adapters", s, seed, plan.adapter, plan.lora_rank, plan.adapter_replay) for s in ADAPTERS]
     losses.update(_run_jobs(jobs, workers))
+    # 4) what the demonstrations rest on, measured (properties.py)
+    properties = measure(root, {s: root / "experts" / s for s in EXPERTS}, {s: root / "adapters" / s for s in ADAPTERS},
+                         plan.targets, HELD_OUT)
     return {
         "format": FORMAT,
         "seed": seed,
@@ -209,6 +219,7 @@ def _build_into(root: Path, seed: int, plan: BuildPlan, reduced: bool, workers: 
         "experts": list(EXPERTS),
         "adapters": list(ADAPTERS),
         "held_out": list(HELD_OUT),
+        "properties": properties,
         "lora_rank": plan.lora_rank,
         "plan": asdict(plan),
         "parameters": sum(p.numel() for p in base.parameters()),

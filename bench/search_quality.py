@@ -1,0 +1,190 @@
+"""Does the default search beat the merges people set by hand, on every zoo seed?
+
+    python bench/search_quality.py                        # zoo seeds 0 1 2, search seeds 0 1 2, 100 candidates
+    python bench/search_quality.py --reduced --zoo-seeds 0 --search-seeds 0 --budget 30   # a quick look
+    python bench/search_quality.py --variants default,prob-experts,nll-gap   # compare fitness/optimizer settings
+
+For each zoo seed it builds (or reuses) the zoo in `--zoos`/seed-N and scores, on the test
+split, the mean exact-match accuracy over the expert skills of:
+    base, every expert, the uniform merges   as the zoo build measured them (zoo.json)
+    default    `search/evolve.yaml` as it is (the short form: the models and the skills only)
+    random     the same job searched by nevergrad's RandomSearch (same budget)
+    cma-nll    plain CMA on expert-relative NLL (normalize: experts, metric: nll, optimizer CMA)
+and any other `--variants` (VARIANTS below: the settings tried for the default). It prints
+mean +- sd over zoo seeds (search rows: over zoo and search seeds), each zoo seed's mean, the
+default's worst-seed margin over the best hand-set merge and over the best expert, and the
+wall time. Searches run in parallel processes (`--jobs`), each on one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_JOB = ROOT / "search" / "evolve.yaml"
+
+
+def _set(**fitness: Any) -> Callable[[dict], None]:
+    """A variant that overrides fitness keys on every term (metric) or on the fitness (normalize)."""
+    def apply(job: dict) -> None:
+        for key, value in fitness.items():
+            if key == "metric":
+                job["fitness"]["terms"] = [{"task": t if isinstance(t, str) else t["task"], "metric": value}
+                                           for t in job["fitness"]["terms"]]
+            else:
+                job["fitness"][key] = value
+    return apply
+
+
+def _optimizer(name: str, **options: Any) -> Callable[[dict], None]:
+    def apply(job: dict) -> None:
+        job.setdefault("optimizer", {}).update(name=name, options=options)
+    return apply
+
+
+def _chain(*fs: Callable[[dict], None]) -> Callable[[dict], None]:
+    def apply(job: dict) -> None:
+        for f in fs:
+            f(job)
+    return apply
+
+
+VARIANTS: dict[str, Callable[[dict], None]] = {
+    "default": lambda job: None,
+    "random": _optimizer("RandomSearch"),
+    "cma-nll": _chain(_set(metric="nll", normalize="experts"), _optimizer("CMA")),
+    # what was tried for the default (README): fitness metric x normalisation, optimizer and step
+    "prob-gap": _set(metric="prob", normalize="gap"),
+    "nll-gap": _set(metric="nll", normalize="gap"),
+    "nll-experts": _set(metric="nll", normalize="experts"),
+    "acc-gap": _set(metric="accuracy", normalize="gap"),
+    "ngopt": _optimizer("NGOpt"),
+    "cma": _optimizer("CMA"),
+    "cma-wide": _optimizer("ParametrizedCMA", scale=2.0),
+    "de": _optimizer("TwoPointsDE"),
+}
+
+
+def _job_for(zoo: Path, variant: str, seed: int, budget: int, where: Path) -> Path:
+    """The default job with the variant applied, written beside a `zoo` link so its paths resolve."""
+    job = yaml.safe_load(DEFAULT_JOB.read_text())
+    VARIANTS[variant](job)
+    job.setdefault("optimizer", {}).update(budget=budget, seed=seed)
+    job["workers"] = {"count": 1, "device": "cpu"}
+    (where / "search").mkdir(parents=True)
+    (where / "zoo").symlink_to(zoo.resolve())
+    path = where / "search" / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def run_one(zoo: str, variant: str, seed: int, budget: int) -> dict[str, Any]:
+    """One search (one process, one thread): the best recipe's test accuracy per skill, and seconds."""
+    import torch
+
+    from mergelab.evolve.job import load_job
+    from mergelab.evolve.loop import run_search
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="search-quality-") as tmp:
+        job = load_job(_job_for(Path(zoo), variant, seed, budget, Path(tmp)))
+        result = run_search(job, Path(tmp) / "run", progress=False)
+    best = result.report["best"]
+    acc = {k.split("/")[0]: v for k, v in best.items() if k.endswith("/accuracy")}
+    return {"zoo": zoo, "variant": variant, "seed": seed, "accuracy": acc, "seconds": time.perf_counter() - start}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _fmt(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{_mean(values):.3f} +- {sd:.3f}"
+
+
+def hand_set(zoo: Path) -> dict[str, float]:
+    """Mean test accuracy over the expert skills of the base, each expert and the uniform merges (zoo.json)."""
+    props = json.loads((zoo / "zoo.json").read_text())["properties"]
+    skills = [k.split(":", 1)[1] for k in props["accuracy"] if k.startswith("expert:")]
+    return {who: _mean([acc[s] for s in skills]) for who, acc in props["accuracy"].items()
+            if who == "base" or who.startswith(("expert:", "uniform:"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoos", type=Path, default=ROOT / "bench" / "zoos", help="where the zoos are built (reused)")
+    parser.add_argument("--zoo-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget", type=int, default=100)
+    parser.add_argument("--variants", default="default,random,cma-nll", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--reduced", action="store_true", help="the reduced zoo (a quick look, not the README's numbers)")
+    parser.add_argument("--jobs", type=int, default=2, help="searches run at once (processes)")
+    parser.add_argument("--json", type=Path, help="also write every result here")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+
+    from mergelab.zoo import build_zoo
+
+    wall = time.perf_counter()
+    zoos = {s: build_zoo(args.zoos / f"seed-{s}{'-reduced' if args.reduced else ''}", seed=s, reduced=args.reduced)
+            for s in args.zoo_seeds}
+    built = time.perf_counter() - wall
+    tasks = [(str(zoos[z]), v, s, args.budget) for z in args.zoo_seeds for v in variants for s in args.search_seeds]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(run_one, *zip(*tasks)))
+    searched = time.perf_counter() - wall - built
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    _print(args, zoos, variants, results, built, searched)
+
+
+def _print(args: argparse.Namespace, zoos: dict[int, Path], variants: list[str], results: list[dict],
+           built: float, searched: float) -> None:
+    fixed = {z: hand_set(p) for z, p in zoos.items()}
+    rows: dict[str, dict[int, list[float]]] = {}
+    for z, scores in fixed.items():
+        for who, value in scores.items():
+            rows.setdefault(who, {})[z] = [value]
+    for r in results:
+        z = next(s for s, p in zoos.items() if str(p) == r["zoo"])
+        rows.setdefault(r["variant"], {}).setdefault(z, []).append(_mean(list(r["accuracy"].values())))
+    seeds = list(zoos)
+    print(f"mean test accuracy over the expert skills; zoo seeds {seeds}, search seeds {args.search_seeds}, "
+          f"{args.budget} candidates{' (reduced zoo)' if args.reduced else ''}\n")
+    print(f"| model | mean +- sd | {' | '.join(f'zoo {z}' for z in seeds)} |")
+    print(f"|---|---|{'---|' * len(seeds)}")
+    for who, per in rows.items():
+        cells = " | ".join(f"{_mean(per[z]):.3f}" if z in per else "-" for z in seeds)
+        print(f"| {who} | {_fmt([v for z in seeds for v in per.get(z, [])])} | {cells} |")
+    if "default" in rows:
+        print()
+        for z in seeds:
+            worst = min(rows["default"][z])
+            uniform = max(v[0] for k, v in ((k, rows[k][z]) for k in rows if k.startswith("uniform:")))
+            expert = max(v[0] for k, v in ((k, rows[k][z]) for k in rows if k.startswith("expert:")))
+            print(f"zoo {z}: default's worst search seed {worst:.3f}: {worst - uniform:+.3f} over the best uniform merge "
+                  f"({uniform:.3f}), {worst - expert:+.3f} over the best expert ({expert:.3f})")
+    seconds = {v: _mean([r["seconds"] for r in results if r["variant"] == v]) for v in variants}
+    print(f"\nwall: zoos {built:.0f} s (built or reused), searches {searched:.0f} s on {args.jobs} processes; "
+          f"per search (mean): {', '.join(f'{v} {s:.0f} s' for v, s in seconds.items())}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
