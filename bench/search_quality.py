@@ -177,8 +177,8 @@ def _print(args: argparse.Namespace, zoos: dict[int, Path], variants: list[str],
         print()
         for z in seeds:
             worst = min(rows["default"][z])
-            uniform = max(v[0] for k, v in ((k, rows[k][z]) for k in rows if k.startswith("uniform:")))
-            expert = max(v[0] for k, v in ((k, rows[k][z]) for k in rows if k.startswith("expert:")))
+            uniform = max(rows[k][z][0] for k in rows if k.startswith("uniform:"))
+            expert = max(rows[k][z][0] for k in rows if k.startswith("expert:"))
             print(f"zoo {z}: default's worst search seed {worst:.3f}: {worst - uniform:+.3f} over the best uniform merge "
                   f"({uniform:.3f}), {worst - expert:+.3f} over the best expert ({expert:.3f})")
     seconds = {v: _mean([r["seconds"] for r in results if r["variant"] == v]) for v in variants}

@@ -1,6 +1,6 @@
 """The nevergrad optimizer of a job: a registry name plus options, seeded.
 
-    optimizer: {name: CMA, budget: 100, seed: 0, options: {scale: 2.0, popsize: 8}}
+    optimizer: {name: ParametrizedCMA, budget: 100, seed: 0, options: {scale: 2.0, popsize: 8}}
 
 `name` is any key of `ng.optimizers.registry`, or a family of `ng.families` (ParametrizedCMA,
 DifferentialEvolution, ...). `options` configure it the way nevergrad's own presets are made:

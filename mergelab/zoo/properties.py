@@ -3,7 +3,8 @@
     weak base      the base's test accuracy on each expert skill (and the LoraHub target) is low
     strong experts each expert's test accuracy on its own skill is high
     interference   the best uniform merge of the experts keeps at most a share of their mean gain
-    LoraHub        some pool adapter, alone, moves the target skill off the base's score
+    LoraHub        each pool adapter's accuracy on the held-out target, beside the base's
+                   (recorded, not yet checked against a margin)
 
 A skill's *gain* is its expert's accuracy minus the base's; a merge *keeps*
 `mean_s(merge_s - base_s) / mean_s(expert_s - base_s)` of the mean gain, over the expert skills.
@@ -58,19 +59,21 @@ def measure(root: Path, experts: dict[str, Path], adapters: dict[str, Path], tar
 
     skills = list(experts)
     tasks = {s: load_task(root, s, SPLIT) for s in [*skills, *lorahub]}
+    expert_tasks = {s: tasks[s] for s in skills}
     base, tok = load_model(root / "base")
     acc = {"base": _accuracy(base, tok, tasks)}
     for skill, folder in experts.items():
-        acc[f"expert:{skill}"] = _accuracy(load_model(folder)[0], tok, {s: tasks[s] for s in skills})
+        acc[f"expert:{skill}"] = _accuracy(load_model(folder)[0], tok, expert_tasks)
     for name, data in uniform_recipes(root, experts).items():
         recipe = parse_recipe(data, root, f"uniform {name}")
         live = LiveMerger(recipe, "cpu")
         live.set_recipe(recipe)  # the live model holds the merge only once a recipe is set
-        acc[f"uniform:{name}"] = _accuracy(live.model, tok, {s: tasks[s] for s in skills})
+        acc[f"uniform:{name}"] = _accuracy(live.model, tok, expert_tasks)
         live.close()
-    for skill, folder in adapters.items():
-        if lorahub:
-            acc[f"adapter:{skill}"] = _accuracy(load_model(folder)[0], tok, {s: tasks[s] for s in lorahub})
+    if lorahub:
+        target_tasks = {s: tasks[s] for s in lorahub}
+        for skill, folder in adapters.items():
+            acc[f"adapter:{skill}"] = _accuracy(load_model(folder)[0], tok, target_tasks)
     return summarize(acc, skills, lorahub, targets)
 
 
