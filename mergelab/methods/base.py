@@ -58,13 +58,15 @@ class Param:
             return str(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: '{self.name}' must be a number, got {value!r}")
+        if self.kind is int and isinstance(value, float) and not value.is_integer():
+            raise RecipeError(f"{where}: '{self.name}' must be a whole number, got {value!r}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise RecipeError(f"{where}: '{self.name}' = {value} is out of range [{_fmt(self.low)}, {_fmt(self.high)}]")
+            raise RecipeError(f"{where}: '{self.name}' = {value} is out of range [{_fmt(self.low, '-inf')}, {_fmt(self.high, 'inf')}]")
         return self.kind(value)
 
 
-def _fmt(bound: float | None) -> str:
-    return "-inf" if bound is None else f"{bound:g}"
+def _fmt(bound: float | None, unbounded: str) -> str:
+    return unbounded if bound is None else f"{bound:g}"
 
 
 @dataclass
@@ -130,7 +132,9 @@ class MergeMethod:
         return next((p for p in self.params if p.name == name), None)
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
-        """Return the merged tensor (float32, or float64 if the inputs are) on the inputs' device."""
+        """Return the merged tensor on the inputs' device, in the dtype the method computes in (float32,
+        float64 if the inputs are; the inputs' own dtype for methods that mirror a mergekit method that
+        does not upcast); the caller casts it to the output dtype."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
