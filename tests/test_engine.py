@@ -288,6 +288,8 @@ BAD_RECIPES = [
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_range": [2, 9]}]}]}, "past the 4 layers"),
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_range": [3, 1]}]}]}, "layer_range"),
     ({"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 1}}], "slices": []}, "exactly one of 'models' or 'slices'"),
+    ({"merge_method": "nearswap", "models": [{"model": "A"}], "parameters": {"t": 0.1}}, "base_model: nearswap needs a base model"),
+    ({"merge_method": "nearswap", "base_model": "BASE", "models": [{"model": "A"}]}, "parameters.t: nearswap needs a value for 't'"),
 ]
 
 

@@ -320,6 +320,15 @@ def test_passthrough_scale() -> None:
     assert torch.equal(run("passthrough", [x], None, [{}]), x)
 
 
+# ---------------------------------------------------------------- NearSwap
+def test_nearswap_swaps_near_entries_and_steps_towards_far_ones() -> None:
+    a, b = T([0.0, 0.0, 0.0, 1.0]), T([0.05, -0.2, 0.0, 3.0])
+    # |a - b| = [0.05, 0.2, 0 (-> 1e-6), 2]: w = [1, 0.5, 1, 0.05]
+    close(run("nearswap", [b], a, t=0.1), [0.05, -0.1, 0.0, 1.1])
+    close(run("nearswap", [b], a, t=-1.0), a)
+    close(run("nearswap", [b], a, t=5.0), b)
+
+
 # ---------------------------------------------------------------- exact rank selection
 N = 300_007  # above 2^17: the sampled-bracket path
 

@@ -21,6 +21,13 @@ from mergelab.merging import merge
 GOLDEN = Path(__file__).parent / "golden"
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
 CASES = sorted(MANIFEST["cases"])
+# Methods whose mergelab code runs the same torch ops as mergekit's, in the same order and dtypes
+# (bfloat16 included): their results are equal bit for bit, so no tolerance.
+EXACT = {"nearswap"}
+# Cases where mergekit writes float32 tensors for a `dtype: bfloat16` recipe (a float32 mask or
+# boost promotes the method's bfloat16 arithmetic, and mergekit never casts back); mergelab writes
+# the recipe's dtype, which must be mergekit's float32 result rounded to it.
+WIDENED: set[str] = set()
 
 
 def _write_model(inputs: Path, folder: Path, config: dict) -> None:
@@ -81,8 +88,13 @@ def test_matches_mergekit(case: str, workdir: Path) -> None:
     ours = load_merged(out)
     theirs = load_file(str(GOLDEN / "cases" / f"{case}.safetensors"))
     assert sorted(ours) == sorted(theirs)
+    tolerance = 0.0 if yaml.safe_load(recipe.read_text())["merge_method"] in EXACT else 1e-5
     for name, expected in theirs.items():
+        if case in WIDENED:
+            assert expected.dtype == torch.float32 and ours[name].dtype == torch.bfloat16, name
+            expected = expected.to(torch.bfloat16)
         assert ours[name].dtype == expected.dtype, name
-        torch.testing.assert_close(ours[name], expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{case} {name}: {m}")
+        torch.testing.assert_close(ours[name], expected, rtol=tolerance, atol=tolerance / 10,
+                                   msg=lambda m: f"{case} {name}: {m}")
     layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
     assert layers == MANIFEST["cases"][case]["num_hidden_layers"]

@@ -243,6 +243,13 @@ CASES: dict[str, dict] = {
                    {"model": m("b"), "parameters": {"weight": 0.4, "density": 1.0}}],
         "parameters": {"lambda": 0.9},
     },
+    # the methods mergekit added after the first golden set
+    "nearswap": {
+        "merge_method": "nearswap",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}],
+        "parameters": {"t": [0.01, 0.08]},
+    },
 }
 
 
