@@ -290,6 +290,7 @@ BAD_RECIPES = [
     ({"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 1}}], "slices": []}, "exactly one of 'models' or 'slices'"),
     ({"merge_method": "nearswap", "models": [{"model": "A"}], "parameters": {"t": 0.1}}, "base_model: nearswap needs a base model"),
     ({"merge_method": "nearswap", "base_model": "BASE", "models": [{"model": "A"}]}, "parameters.t: nearswap needs a value for 't'"),
+    ({"merge_method": "ram", "models": [{"model": "A"}]}, "base_model: ram needs a base model"),
 ]
 
 

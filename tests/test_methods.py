@@ -320,6 +320,22 @@ def test_passthrough_scale() -> None:
     assert torch.equal(run("passthrough", [x], None, [{}]), x)
 
 
+# ---------------------------------------------------------------- RAM
+RAM_DELTAS = [T([0.5, 0.05, 0.3, 0.4, -0.2, 0.0]),
+              T([0.3, 0.0, 0.0, 0.0, 0.4, 0.6]),
+              T([-0.2, 0.0, 0.0, 0.0, 0.0, 0.0])]
+# with epsilon 0.1, models changing each entry: [3, 0 (0.05 is below), 1, 1, 2, 1]
+
+
+def ram(name: str, **options: Any) -> torch.Tensor:
+    base = torch.ones(6)
+    return run(name, [base + d for d in RAM_DELTAS], base, epsilon=0.1, **options) - base
+
+
+def test_ram_averages_over_the_models_that_changed_an_entry() -> None:
+    close(ram("ram"), [(0.5 + 0.3 - 0.2) / 3, 0.0, 0.3, 0.4, (-0.2 + 0.4) / 2, 0.6])
+
+
 # ---------------------------------------------------------------- NearSwap
 def test_nearswap_swaps_near_entries_and_steps_towards_far_ones() -> None:
     a, b = T([0.0, 0.0, 0.0, 1.0]), T([0.05, -0.2, 0.0, 3.0])

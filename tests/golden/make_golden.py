@@ -244,6 +244,12 @@ CASES: dict[str, dict] = {
         "parameters": {"lambda": 0.9},
     },
     # the methods mergekit added after the first golden set
+    "ram": {
+        "merge_method": "ram",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+        "parameters": {"epsilon": 0.03},
+    },
     "nearswap": {
         "merge_method": "nearswap",
         "base_model": m("base"),
