@@ -291,6 +291,8 @@ BAD_RECIPES = [
     ({"merge_method": "nearswap", "models": [{"model": "A"}], "parameters": {"t": 0.1}}, "base_model: nearswap needs a base model"),
     ({"merge_method": "nearswap", "base_model": "BASE", "models": [{"model": "A"}]}, "parameters.t: nearswap needs a value for 't'"),
     ({"merge_method": "ram", "models": [{"model": "A"}]}, "base_model: ram needs a base model"),
+    ({"merge_method": "ramplus_tl", "base_model": "BASE", "models": [{"model": "A"}], "parameters": {"epsilon": -1}},
+     "parameters.epsilon: 'epsilon' = -1 is out of range [0, inf]"),
 ]
 
 

@@ -320,7 +320,7 @@ def test_passthrough_scale() -> None:
     assert torch.equal(run("passthrough", [x], None, [{}]), x)
 
 
-# ---------------------------------------------------------------- RAM
+# ---------------------------------------------------------------- RAM, RAM+
 RAM_DELTAS = [T([0.5, 0.05, 0.3, 0.4, -0.2, 0.0]),
               T([0.3, 0.0, 0.0, 0.0, 0.4, 0.6]),
               T([-0.2, 0.0, 0.0, 0.0, 0.0, 0.0])]
@@ -334,6 +334,13 @@ def ram(name: str, **options: Any) -> torch.Tensor:
 
 def test_ram_averages_over_the_models_that_changed_an_entry() -> None:
     close(ram("ram"), [(0.5 + 0.3 - 0.2) / 3, 0.0, 0.3, 0.4, (-0.2 + 0.4) / 2, 0.6])
+
+
+def test_ramplus_boosts_unique_entries_by_overlap_ratio() -> None:
+    # model 1: 2 shared, 2 unique entries: rho 1; model 2: 2 shared, 1 unique: rho 2; s = 1 + r min(rho, alpha)
+    close(ram("ramplus_tl", r=0.5, alpha=2.0), [0.2, 0.0, 0.3 * 1.5, 0.4 * 1.5, 0.1, 0.6 * 2.0])
+    close(ram("ramplus_tl", r=0.5, alpha=0.5), [0.2, 0.0, 0.3 * 1.25, 0.4 * 1.25, 0.1, 0.6 * 1.25])
+    close(ram("ramplus_tl", r=0.0), ram("ram"))
 
 
 # ---------------------------------------------------------------- NearSwap

@@ -250,6 +250,20 @@ CASES: dict[str, dict] = {
         "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
         "parameters": {"epsilon": 0.03},
     },
+    "ramplus_tl": {
+        "merge_method": "ramplus_tl",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+        "parameters": {"epsilon": 0.04, "r": 0.5, "alpha": 0.5},
+    },
+    # the boost is float32 in mergekit, so over bfloat16 inputs the sum is float32 before the cast
+    "ramplus_tl_bf16": {
+        "merge_method": "ramplus_tl",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("c")}],
+        "parameters": {"epsilon": 0.02, "r": 1.0, "alpha": 1.0},
+        "dtype": "bfloat16",
+    },
     "nearswap": {
         "merge_method": "nearswap",
         "base_model": m("base"),
