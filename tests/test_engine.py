@@ -293,6 +293,8 @@ BAD_RECIPES = [
     ({"merge_method": "ram", "models": [{"model": "A"}]}, "base_model: ram needs a base model"),
     ({"merge_method": "ramplus_tl", "base_model": "BASE", "models": [{"model": "A"}], "parameters": {"epsilon": -1}},
      "parameters.epsilon: 'epsilon' = -1 is out of range [0, inf]"),
+    ({"merge_method": "sce", "base_model": "BASE", "models": [{"model": "A", "parameters": {"weight": 1}}]},
+     "models[0].parameters.weight: sce takes no parameter 'weight'"),
 ]
 
 

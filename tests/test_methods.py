@@ -320,6 +320,37 @@ def test_passthrough_scale() -> None:
     assert torch.equal(run("passthrough", [x], None, [{}]), x)
 
 
+# ---------------------------------------------------------------- SCE
+SCE_D1 = T([1.0, -2.0, 0.5, 0.0])
+SCE_D2 = T([3.0, 1.0, -0.5, 0.0])
+
+
+def sce(scale: float = 1.0, **options: Any) -> torch.Tensor:
+    base = T([1.0, 1.0, -1.0, 2.0])
+    return run("sce", [base + scale * SCE_D1, base + scale * SCE_D2], base, **options) - base
+
+
+def test_sce_weights_from_mean_squares_and_sign_erase() -> None:
+    # mean squares 5.25/4 and 10.25/4: w = 21/62, 41/62; elected signs of d1 + d2 = [4, -1, 0, 0]: +, -, +, +
+    # entry 0 both agree; 1 only d1 (-2); 2 only d1 (0.5, the sum 0 counts as +); 3 nobody
+    close(sce(), [(21 * 1 + 41 * 3) / 62, -2.0, 0.5, 0.0])
+
+
+def test_sce_select_keeps_top_variance_of_the_nonzero() -> None:
+    # variances across the two models: [1, 2.25, 0.25, 0]; three nonzero
+    # select_topk 0.7 keeps int(3 * 0.7) = 2 (entries 1, 0); weights then 5/4 : 10/4 = 1/3 : 2/3
+    close(sce(select_topk=0.7), [1 / 3 * 1 + 2 / 3 * 3, -2.0, 0.0, 0.0])
+    # 0.5 keeps int(3 * 0.5) = 1 (counting all four entries would keep 2)
+    close(sce(select_topk=0.5), [0.0, -2.0, 0.0, 0.0])
+    close(sce(select_topk=0.0), [0.0, 0.0, 0.0, 0.0])
+
+
+def test_sce_small_task_vectors_get_equal_weights() -> None:
+    # mean squares ~1e-8 sum below 1e-6: weights 1/2 each, so entry 0 is (1 + 3) / 2, not 144/62
+    out = sce(scale=1e-4) / 1e-4
+    torch.testing.assert_close(out, T([2.0, -2.0, 0.5, 0.0]), rtol=1e-3, atol=1e-3)
+
+
 # ---------------------------------------------------------------- RAM, RAM+
 RAM_DELTAS = [T([0.5, 0.05, 0.3, 0.4, -0.2, 0.0]),
               T([0.3, 0.0, 0.0, 0.0, 0.4, 0.6]),

@@ -244,6 +244,18 @@ CASES: dict[str, dict] = {
         "parameters": {"lambda": 0.9},
     },
     # the methods mergekit added after the first golden set
+    "sce": {
+        "merge_method": "sce",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+        "parameters": {"select_topk": [0.3, 0.8]},
+    },
+    "sce_all": {
+        "merge_method": "sce",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("c")}],
+        "parameters": {"int8_mask": True},
+    },
     "ram": {
         "merge_method": "ram",
         "base_model": m("base"),
