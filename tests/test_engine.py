@@ -295,6 +295,7 @@ BAD_RECIPES = [
      "parameters.epsilon: 'epsilon' = -1 is out of range [0, inf]"),
     ({"merge_method": "sce", "base_model": "BASE", "models": [{"model": "A", "parameters": {"weight": 1}}]},
      "models[0].parameters.weight: sce takes no parameter 'weight'"),
+    ({"merge_method": "multislerp", "models": [{"model": "A"}, {"model": "BASE"}]}, "no value of 'weight'"),
 ]
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from mergelab.errors import RecipeError
 from mergelab.methods import MergeInputs, get_method
 from mergelab.methods._select import ascending_ranks, rank_window_mask, top_k_mask, value_at_rank
 
@@ -318,6 +319,37 @@ def test_passthrough_scale() -> None:
     x = T([[1.0, -2.0], [3.0, 0.5]])
     close(run("passthrough", [x], None, [{"scale": 2.5}]), x * 2.5)
     assert torch.equal(run("passthrough", [x], None, [{}]), x)
+
+
+# ---------------------------------------------------------------- Multi-SLERP
+def test_multislerp_two_orthogonal_at_equal_weights_is_the_slerp_midpoint() -> None:
+    out = run("multislerp", [T([[1.0, 0.0]]), T([[0.0, 1.0]])], None, [{"weight": 1.0}, {"weight": 1.0}])
+    close(out, [[1 / math.sqrt(2), 1 / math.sqrt(2)]])
+
+
+def test_multislerp_mean_direction_at_mean_norm() -> None:
+    # units [1, 0] and [0, 1], weights 1/4 and 3/4: direction (1, 3) / sqrt(10), norm 2/4 + 1 * 3/4 = 1.25;
+    # the tangent-plane step adds nothing (sum_i w_i t_i is the mean's own tangent part: zero)
+    v0, v1 = T([[2.0, 0.0]]), T([[0.0, 1.0]])
+    ps = [{"weight": 1.0}, {"weight": 3.0}]
+    close(run("multislerp", [v0, v1], None, ps), 1.25 / math.sqrt(10) * T([[1.0, 3.0]]))
+    # unnormalised weights 1 and 3: the same direction at norm 1 * 2 + 3 * 1 = 5
+    close(run("multislerp", [v0, v1], None, ps, normalize_weights=False), 5 / math.sqrt(10) * T([[1.0, 3.0]]))
+    base = T([[0.5, -1.0]])  # with a base the task vectors are interpolated
+    close(run("multislerp", [v0 + base, v1 + base], base, ps), base + 1.25 / math.sqrt(10) * T([[1.0, 3.0]]))
+
+
+def test_multislerp_one_model_is_returned_and_cancelling_pairs_go_linear() -> None:
+    x = T([1.0, -2.0])
+    assert torch.equal(run("multislerp", [x], torch.zeros(2), [{"weight": 0.3}]), x)
+    # v and -2v at equal weights: the unit vectors cancel, so 0.5 v + 0.5 (-2 v)
+    close(run("multislerp", [x, -2 * x], None, [{"weight": 1.0}, {"weight": 1.0}]), -0.5 * x)
+
+
+def test_multislerp_cancelling_three_is_an_error_naming_the_weights() -> None:
+    xs = [T([1.0, 0.0]), T([-1.0, 0.0]), T([0.0, 0.0])]
+    with pytest.raises(RecipeError, match=r"tensor 'w'.*parameters\.weight"):
+        run("multislerp", xs, None, [{"weight": 1.0}] * 3)
 
 
 # ---------------------------------------------------------------- SCE

@@ -244,6 +244,27 @@ CASES: dict[str, dict] = {
         "parameters": {"lambda": 0.9},
     },
     # the methods mergekit added after the first golden set
+    "multislerp_base": {
+        "merge_method": "multislerp",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": [0.2, 0.6]}},
+                   {"model": m("b"), "parameters": {"weight": 0.5}},
+                   {"model": m("c"), "parameters": {"weight": 0.3}}],
+    },
+    "multislerp_nobase": {
+        "merge_method": "multislerp",
+        "models": [{"model": m("a"), "parameters": {"weight": 1.0}},
+                   {"model": m("c"), "parameters": {"weight": 3.0}}],
+        "parameters": {"normalize_weights": False, "eps": 1e-6},
+    },
+    # mergekit computes multislerp in the inputs' dtype (no upcast): bfloat16 arithmetic here
+    "multislerp_bf16": {
+        "merge_method": "multislerp",
+        "base_model": m("base"),
+        "models": [{"model": m("a"), "parameters": {"weight": 0.4}},
+                   {"model": m("c"), "parameters": {"weight": 0.6}}],
+        "dtype": "bfloat16",
+    },
     "sce": {
         "merge_method": "sce",
         "base_model": m("base"),
