@@ -352,6 +352,29 @@ def test_multislerp_cancelling_three_is_an_error_naming_the_weights() -> None:
         run("multislerp", xs, None, [{"weight": 1.0}] * 3)
 
 
+# ---------------------------------------------------------------- Karcher mean
+def test_karcher_two_models_midpoint_at_mean_norm() -> None:
+    out = run("karcher", [T([2.0, 0.0]), T([0.0, 4.0])])
+    close(out, 3 * T([1.0, 1.0]) / math.sqrt(2))  # bisector, norm (2 + 4) / 2
+
+
+def test_karcher_mean_is_the_mean_angle() -> None:
+    # directions at angles 0, 0 and pi/2: the Karcher mean on the circle is the mean angle pi/6
+    # (one gradient step reaches it); the start, the normalised linear mean, is at atan(1/2)
+    xs = [T([1.0, 0.0]), T([2.0, 0.0]), T([0.0, 3.0])]  # norms 1, 2, 3: mean 2
+    angle = math.pi / 6
+    torch.testing.assert_close(run("karcher", xs), T([2 * math.cos(angle), 2 * math.sin(angle)]), rtol=0, atol=1e-5)
+    close(run("karcher", xs, max_iter=0), 2 * T([2.0, 1.0]) / math.sqrt(5))
+
+
+def test_karcher_zero_model_shrinks_the_norm_not_the_direction() -> None:
+    xs = [T([3.0, 0.0]), T([0.0, 3.0]), T([0.0, 0.0])]
+    close(run("karcher", xs), (3 + 3 + 0) / 3 * T([1.0, 1.0]) / math.sqrt(2))
+    close(run("karcher", [torch.zeros(3), torch.zeros(3)]), torch.zeros(3))
+    x = T([1.0, 2.0])
+    assert torch.equal(run("karcher", [x]), x)
+
+
 # ---------------------------------------------------------------- SCE
 SCE_D1 = T([1.0, -2.0, 0.5, 0.0])
 SCE_D2 = T([3.0, 1.0, -0.5, 0.0])

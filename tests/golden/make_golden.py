@@ -265,6 +265,17 @@ CASES: dict[str, dict] = {
                    {"model": m("c"), "parameters": {"weight": 0.6}}],
         "dtype": "bfloat16",
     },
+    "karcher": {
+        "merge_method": "karcher",
+        "models": [{"model": m("a")}, {"model": m("b")}, {"model": m("c")}],
+    },
+    # karcher ignores the base's role: a base_model is one more input at weight 1/N
+    "karcher_base_joins": {
+        "merge_method": "karcher",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}, {"model": m("c")}],
+        "parameters": {"max_iter": 3, "tol": 1e-4},
+    },
     "sce": {
         "merge_method": "sce",
         "base_model": m("base"),
