@@ -298,6 +298,8 @@ BAD_RECIPES = [
     ({"merge_method": "multislerp", "models": [{"model": "A"}, {"model": "BASE"}]}, "no value of 'weight'"),
     ({"merge_method": "karcher", "models": [{"model": "A"}, {"model": "BASE"}], "parameters": {"max_iter": 2.5}},
      "parameters.max_iter: 'max_iter' must be a whole number, got 2.5"),
+    ({"merge_method": "arcee_fusion", "base_model": "BASE", "models": [{"model": "A", "parameters": {"weight": 1}}]},
+     "arcee_fusion takes no parameter 'weight'; it takes: none"),
 ]
 
 

@@ -11,6 +11,7 @@ import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods import MergeInputs, get_method
+from mergelab.methods.arcee_fusion import importance, upper_fence
 from mergelab.methods._select import ascending_ranks, rank_window_mask, top_k_mask, value_at_rank
 
 T = torch.tensor
@@ -436,6 +437,31 @@ def test_nearswap_swaps_near_entries_and_steps_towards_far_ones() -> None:
     close(run("nearswap", [b], a, t=0.1), [0.05, -0.1, 0.0, 1.1])
     close(run("nearswap", [b], a, t=-1.0), a)
     close(run("nearswap", [b], a, t=5.0), b)
+
+
+# ---------------------------------------------------------------- Arcee Fusion
+def test_arcee_fusion_importance_is_change_times_row_kl() -> None:
+    x, b = T([[math.log(3.0), 0.0]]), T([[0.0, 0.0]])
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # softmax [3/4, 1/4] against [1/2, 1/2]
+    close(importance(x, b), [[math.log(3.0) * kl, 0.0]])
+
+
+def test_arcee_fusion_keeps_changes_above_the_upper_fence() -> None:
+    # rows are shifts of one change v, so every row has the same KL k and importance is k |v|;
+    # of 20 sorted |v|: Q1 = rank 4 (0.2), median = rank 9 (0.3), Q3 = rank 14 (0.4): fence k 0.6
+    v = T([0.1, -0.2, 0.3, 0.4, 3.0])
+    delta = torch.stack([v.roll(i) for i in range(4)])  # (4, 5)
+    base = torch.full((4, 5), 0.7)  # a constant row: softmax uniform, shift-invariant
+    out = run("arcee_fusion", [base + delta], base)
+    close(out, base + torch.where(delta.abs() == 3.0, delta, 0.0))
+
+
+def test_arcee_fusion_fence_uses_exact_ranks() -> None:
+    g = torch.Generator().manual_seed(11)
+    s = torch.rand(300_007, generator=g)  # above 2^17: the sampled-bracket selection
+    ordered, last = s.sort().values, s.numel() - 1
+    expected = ordered[last // 2] + 1.5 * (ordered[3 * last // 4] - ordered[last // 4])
+    assert upper_fence(s) == expected
 
 
 # ---------------------------------------------------------------- exact rank selection

@@ -23,11 +23,11 @@ MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
 CASES = sorted(MANIFEST["cases"])
 # Methods whose mergelab code runs the same torch ops as mergekit's, in the same order and dtypes
 # (bfloat16 included): their results are equal bit for bit, so no tolerance.
-EXACT = {"multislerp", "karcher", "sce", "ram", "ramplus_tl", "nearswap"}
+EXACT = {"multislerp", "karcher", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion"}
 # Cases where mergekit writes float32 tensors for a `dtype: bfloat16` recipe (a float32 mask or
 # boost promotes the method's bfloat16 arithmetic, and mergekit never casts back); mergelab writes
 # the recipe's dtype, which must be mergekit's float32 result rounded to it.
-WIDENED = {"ramplus_tl_bf16"}
+WIDENED = {"ramplus_tl_bf16", "arcee_fusion_bf16"}
 
 
 def _write_model(inputs: Path, folder: Path, config: dict) -> None:

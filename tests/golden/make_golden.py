@@ -314,6 +314,17 @@ CASES: dict[str, dict] = {
         "models": [{"model": m("a")}],
         "parameters": {"t": [0.01, 0.08]},
     },
+    "arcee_fusion": {
+        "merge_method": "arcee_fusion",
+        "base_model": m("base"),
+        "models": [{"model": m("base")}, {"model": m("c")}],
+    },
+    "arcee_fusion_bf16": {
+        "merge_method": "arcee_fusion",
+        "base_model": m("base"),
+        "models": [{"model": m("a")}],
+        "dtype": "bfloat16",
+    },
 }
 
 
