@@ -10,6 +10,11 @@ v_i = x_i - b with a base model, else x_i; each tensor is one flat vector:
 4) exp map      r = |t| + eps,  u = cos(r) m + sin(r) / r * t         back onto the sphere
 5) rescale      out = (sum_i w_i |v_i|) u  (+ b)                      at the weighted mean norm
 
+In exact arithmetic steps 3-4 change nothing: sum_i w_i t_i = M - <M, m> m is the tangent part of
+M = sum_i w_i u_i at its own direction m, zero; so the result is the normalised weighted mean of the
+unit vectors at the weighted mean norm (for two models at equal weights, SLERP's midpoint; at
+other weights not SLERP's point). The steps are kept for mergekit's rounding.
+
 A single model is returned unchanged. Where |m| < eps (the unit vectors cancel out, e.g. v and
 -v at equal weights) two models give the linear w_0 v_0 + w_1 v_1 (+ b); with more it is an
 error. Computed in the inputs' dtype, as mergekit (no upcast).
