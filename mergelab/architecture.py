@@ -8,8 +8,14 @@ name is split into (stack prefix, layer index, suffix) when it belongs to a repe
     gpt_neox.layers.0.mlp.dense_h_to_4h.bias GPT-NeoX, Pythia
     model.decoder.layers.5.fc1.weight        OPT
     transformer.blocks.7.ffn.up_proj.weight  MPT
+    encoder.block.2.layer.1.DenseReluDense.wo.weight   T5 (two stacks: encoder.block, decoder.block)
 
-Everything outside the stack is "pre" (embeddings, before layer 0) or "post" (final norm,
+The index is the FIRST `<stack word>.N` of the name (the block), not a later one: in T5's
+`block.2.layer.1` the 1 is a sub-layer of block 2. A checkpoint may hold several stacks (T5's
+encoder and decoder, a vision tower next to a language model); each is one of mergekit's
+"modules", with its own layer count and its own gradient.
+
+Everything outside the stacks is "pre" (embeddings, before layer 0) or "post" (final norm,
 LM head); gradients see t = 0 for both, as mergekit does.
 """
 
@@ -19,7 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-_LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<suffix>.+)$")
+# lazy `.*?`: the outermost (first) stack word wins, so nested `block.N.layer.M` gives block N
+_LAYER_RE = re.compile(r"^(?P<prefix>.*?(?:^|\.)(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<suffix>.+)$")
 _PRE_MARKERS = ("embed", "wte", "wpe", "word_embeddings", "embed_in", "position_embeddings")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -58,18 +65,26 @@ class Stack:
     suffixes: dict[int, tuple[str, ...]]  # layer index -> tensor suffixes in checkpoint order
 
 
-def find_stack(names: Iterable[str]) -> Stack | None:
-    """The prefix with the most layers is the decoder stack (others, e.g. a vision tower, are not)."""
+def find_stacks(names: Iterable[str]) -> dict[str, Stack]:
+    """Every stack of a checkpoint by prefix, in the order their first tensors appear."""
     by_prefix: dict[str, dict[int, list[str]]] = {}
     for name in names:
         parsed = parse_layer(name)
         if parsed is not None:
             by_prefix.setdefault(parsed.prefix, {}).setdefault(parsed.index, []).append(parsed.suffix)
-    if not by_prefix:
-        return None
-    prefix = max(by_prefix, key=lambda p: len(by_prefix[p]))
-    layers = by_prefix[prefix]
-    return Stack(prefix, max(layers) + 1, {i: tuple(s) for i, s in sorted(layers.items())})
+    return {prefix: Stack(prefix, max(layers) + 1, {i: tuple(s) for i, s in sorted(layers.items())})
+            for prefix, layers in by_prefix.items()}
+
+
+def find_stack(names: Iterable[str]) -> Stack | None:
+    """The stack with the most layers: the decoder of a language model (not, e.g., its vision tower)."""
+    stacks = find_stacks(names)
+    return max(stacks.values(), key=lambda s: len(s.suffixes)) if stacks else None
+
+
+def describe_stacks(stacks: dict[str, Stack]) -> str:
+    """`encoder.block (3 layers), decoder.block (2 layers)`, for messages."""
+    return ", ".join(f"{s.prefix} ({s.num_layers} layers)" for s in stacks.values())
 
 
 def layer_count_key(config: dict) -> str | None:

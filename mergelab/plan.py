@@ -6,19 +6,24 @@ mismatched or out of range. Executing the plan (`execute.py`) can then only fail
 
 Output tensor order follows the template model (the base, else the first model):
 embeddings, then the layers slice by slice, then final norm and head.
+
+A `models:` recipe merges every layer stack of the template (T5's encoder and decoder, a
+vision tower and a language model), each over all its layers with its own gradient, as
+mergekit's modules; a `slices:` recipe addresses the layers of one stack, so it needs inputs
+with exactly one.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergelab.architecture import Stack, find_stack, is_pre_weight, layer_count_key
+from mergelab.architecture import LAYER_COUNT_KEYS, describe_stacks, find_stacks, is_pre_weight, layer_count_key
 from mergelab.checkpoint import Checkpoint, tensor_nbytes
 from mergelab.errors import CheckpointError, PlanError, RecipeError
 from mergelab.methods import MergeMethod, get_method
@@ -92,6 +97,7 @@ class _Slice:
     base: ModelRef | None
     params: dict[str, Setting]
     key: str
+    stack: str | None  # the prefix of the layer stack the sources' layer ranges index
 
 
 def make_plan(recipe: Recipe, *, allow_pickle: bool = False, opened: dict[ModelRef, Checkpoint] | None = None) -> Plan:
@@ -107,11 +113,9 @@ def make_plan(recipe: Recipe, *, allow_pickle: bool = False, opened: dict[ModelR
     slices = _normalise_slices(recipe, method, ckpts)
     template_ref = slices[0].base or slices[0].sources[0].path
     template = ckpts[template_ref]
-    stack = find_stack(template.tensors)
     builder = _JobBuilder(recipe, method, ckpts, index)
-    jobs = builder.build(slices, template_ref, stack)
-    out_layers = sum((s.sources[0].layers[1] - s.sources[0].layers[0]) for s in slices if s.sources[0].layers)
-    config = _output_config(template, stack, slices, out_layers, recipe, ckpts)
+    jobs = builder.build(slices, template_ref)
+    config = _output_config(template, slices, recipe, ckpts)
     return Plan(
         recipe=recipe,
         method=method,
@@ -221,30 +225,53 @@ def _check_architectures(ckpts: dict[ModelRef, Checkpoint], keys: dict[ModelRef,
 
 # ---------------------------------------------------------------- slices
 def _normalise_slices(recipe: Recipe, method: MergeMethod, ckpts: dict[ModelRef, Checkpoint]) -> list[_Slice]:
-    """`models:` becomes one slice over all layers (the base joining if not listed), as in mergekit."""
+    """The recipe as slices of layer stacks, each checked against the method and its inputs."""
     base = recipe.ref(recipe.base_model) if recipe.base_model else None
-    if recipe.models is not None:
-        refs = [recipe.ref(m.model, m.adapter) for m in recipe.models]
-        srcs = [_Src(ref, f"models[{i}]", _all_layers(ckpts[ref]), dict(m.parameters or {}))
-                for i, (ref, m) in enumerate(zip(refs, recipe.models))]
-        if base is not None and base not in {s.path for s in srcs}:
-            srcs.append(_Src(base, "base_model", _all_layers(ckpts[base]), {}))
-        slices = [_Slice(tuple(srcs), base, {}, "models")]
-    else:
-        slices = []
-        for i, s in enumerate(recipe.slices or []):
-            srcs = [_Src(recipe.ref(src.model, src.adapter), f"slices[{i}].sources[{j}]", src.layer_range, dict(src.parameters or {}))
-                    for j, src in enumerate(s.sources)]
-            slice_base = recipe.ref(s.base_model) if s.base_model else base
-            slices.append(_Slice(tuple(srcs), slice_base, dict(s.parameters or {}), f"slices[{i}]"))
+    slices = _model_slices(recipe, base, ckpts) if recipe.models is not None else _recipe_slices(recipe, base, ckpts)
     for s in slices:
         _check_slice(s, method, ckpts)
     return slices
 
 
-def _all_layers(ckpt: Checkpoint) -> tuple[int, int] | None:
-    stack = find_stack(ckpt.tensors)
-    return (0, stack.num_layers) if stack else None
+def _model_slices(recipe: Recipe, base: ModelRef | None, ckpts: dict[ModelRef, Checkpoint]) -> list[_Slice]:
+    """`models:` becomes one slice per layer stack of the template (the base, else the first model),
+    over all its layers, the base joining the models if not listed: mergekit's modules."""
+    srcs = [_Src(recipe.ref(m.model, m.adapter), f"models[{i}]", None, dict(m.parameters or {}))
+            for i, m in enumerate(recipe.models or [])]
+    if base is not None and base not in {s.path for s in srcs}:
+        srcs.append(_Src(base, "base_model", None, {}))
+    stacks = find_stacks(ckpts[base or srcs[0].path].tensors)
+    if not stacks:
+        return [_Slice(tuple(srcs), base, {}, "models", None)]
+    return [_Slice(tuple(replace(src, layers=(0, _num_layers(ckpts[src.path], prefix))) for src in srcs),
+                   base, {}, "models", prefix) for prefix in stacks]
+
+
+def _num_layers(ckpt: Checkpoint, prefix: str) -> int:
+    stack = find_stacks(ckpt.tensors).get(prefix)
+    return stack.num_layers if stack else 0
+
+
+def _recipe_slices(recipe: Recipe, base: ModelRef | None, ckpts: dict[ModelRef, Checkpoint]) -> list[_Slice]:
+    """`slices:` as written; each indexes the one layer stack of its sources."""
+    slices = []
+    for i, s in enumerate(recipe.slices or []):
+        srcs = [_Src(recipe.ref(src.model, src.adapter), f"slices[{i}].sources[{j}]", src.layer_range, dict(src.parameters or {}))
+                for j, src in enumerate(s.sources)]
+        stacks = [_single_stack(src, ckpts[src.path]) for src in srcs]
+        slice_base = recipe.ref(s.base_model) if s.base_model else base
+        slices.append(_Slice(tuple(srcs), slice_base, dict(s.parameters or {}), f"slices[{i}]", stacks[0]))
+    return slices
+
+
+def _single_stack(src: _Src, ckpt: Checkpoint) -> str | None:
+    """The prefix of the one layer stack a slice source's layer_range indexes; an error if there are several."""
+    stacks = find_stacks(ckpt.tensors)
+    if len(stacks) > 1:
+        raise RecipeError(f"{src.key}.layer_range: {src.path} has {len(stacks)} layer stacks ({describe_stacks(stacks)}) and a "
+                          "layer_range indexes one, so slices cannot express this architecture (mergekit's 'modules:' syntax is "
+                          "not supported); merge whole models with 'models:' instead")
+    return next(iter(stacks), None)
 
 
 def _check_slice(s: _Slice, method: MergeMethod, ckpts: dict[ModelRef, Checkpoint]) -> None:
@@ -262,11 +289,10 @@ def _check_slice(s: _Slice, method: MergeMethod, ckpts: dict[ModelRef, Checkpoin
         raise RecipeError(f"{s.key}: {method.name} takes at most {method.max_inputs} {what}{'s' if method.max_inputs > 1 else ''} per slice, got {n_inputs}")
     lengths = {src.layers[1] - src.layers[0] for src in s.sources if src.layers}
     if len(lengths) > 1:
-        raise RecipeError(f"{s.key}: all sources of a slice need the same number of layers, got {sorted(lengths)}")
+        raise RecipeError(f"{s.key}: all sources of a slice need the same number of layers in {s.stack}, got {sorted(lengths)}")
     for src in s.sources:
-        stack = find_stack(ckpts[src.path].tensors)
-        if src.layers and (stack is None or src.layers[1] > stack.num_layers):
-            have = stack.num_layers if stack else 0
+        have = _num_layers(ckpts[src.path], s.stack) if s.stack else 0
+        if src.layers and src.layers[1] > have:
             raise RecipeError(f"{src.key}.layer_range: {list(src.layers)} is past the {have} layers of {src.path}")
 
 
@@ -275,28 +301,38 @@ class _JobBuilder:
     def __init__(self, recipe: Recipe, method: MergeMethod, ckpts: dict[ModelRef, Checkpoint], index: dict[ModelRef, int]) -> None:
         self.recipe, self.method, self.ckpts, self.index = recipe, method, ckpts, index
         self.out_dtype = TORCH_DTYPES.get(recipe.out_dtype or recipe.dtype or "")
-        self.stacks = {p: find_stack(c.tensors) for p, c in ckpts.items()}
+        self.stacks = {p: find_stacks(c.tensors) for p, c in ckpts.items()}
 
-    def build(self, slices: list[_Slice], template_ref: ModelRef, stack: Stack | None) -> list[TensorJob]:
+    def build(self, slices: list[_Slice], template_ref: ModelRef) -> list[TensorJob]:
+        """Embeddings (from the first slice's sources), the slices' layers, then the rest (from the last slice's)."""
         template = self.ckpts[template_ref]
-        outside = [n for n in template.tensors if stack is None or not n.startswith(stack.prefix + ".")]
+        in_stacks = tuple(f"{prefix}." for prefix in self.stacks[template_ref])
+        outside = [n for n in template.tensors if not n.startswith(in_stacks)]
         pre = [n for n in outside if is_pre_weight(n)]
         post = [n for n in outside if not is_pre_weight(n)]
         jobs = [self._job(n, [n] * len(slices[0].sources), slices[0], 0.0) for n in pre]
-        out_layer = 0
+        done: dict[str, int] = {}  # stack prefix -> output layers written so far
         for s in slices:
-            if stack is None or s.sources[0].layers is None:
-                continue
-            first = s.sources[0].layers
-            n = first[1] - first[0]
-            tmpl_src = next((src for src in s.sources if src.path == template_ref), s.sources[0])
-            for offset in range(n):
-                t = offset / (n - 1) if n > 1 else 1.0
-                for suffix in self.stacks[tmpl_src.path].suffixes[tmpl_src.layers[0] + offset]:
-                    names = [f"{self.stacks[src.path].prefix}.{src.layers[0] + offset}.{suffix}" for src in s.sources]
-                    jobs.append(self._job(f"{stack.prefix}.{out_layer}.{suffix}", names, s, t))
-                out_layer += 1
+            jobs += self._layer_jobs(s, template_ref, done)
         jobs += [self._job(n, [n] * len(slices[-1].sources), slices[-1], 0.0) for n in post]
+        return jobs
+
+    def _layer_jobs(self, s: _Slice, template_ref: ModelRef, done: dict[str, int]) -> list[TensorJob]:
+        """One slice's layers, numbered after its stack's earlier output layers; the gradient spans the slice."""
+        if s.stack is None or s.sources[0].layers is None:
+            return []
+        first = s.sources[0].layers
+        n = first[1] - first[0]
+        tmpl_src = next((src for src in s.sources if src.path == template_ref), s.sources[0])
+        suffixes = self.stacks[tmpl_src.path][s.stack].suffixes
+        jobs = []
+        for offset in range(n):
+            t = offset / (n - 1) if n > 1 else 1.0  # as mergekit: t = 1 for a one-layer slice
+            out = f"{s.stack}.{done.get(s.stack, 0) + offset}"
+            for suffix in suffixes[tmpl_src.layers[0] + offset]:
+                names = [f"{s.stack}.{src.layers[0] + offset}.{suffix}" for src in s.sources]
+                jobs.append(self._job(f"{out}.{suffix}", names, s, t))
+        done[s.stack] = done.get(s.stack, 0) + n
         return jobs
 
     def _job(self, out_name: str, names: list[str], s: _Slice, t: float) -> TensorJob:
@@ -346,23 +382,36 @@ class _JobBuilder:
 
 
 # ---------------------------------------------------------------- output metadata
-def _output_config(template: Checkpoint, stack: Stack | None, slices: list[_Slice], out_layers: int,
-                   recipe: Recipe, ckpts: dict[ModelRef, Checkpoint]) -> dict:
+def _output_config(template: Checkpoint, slices: list[_Slice], recipe: Recipe, ckpts: dict[ModelRef, Checkpoint]) -> dict:
     config = copy.deepcopy(template.config)
-    key = layer_count_key(config)
-    if key and stack is not None and out_layers != config[key]:
-        # per-layer lists (e.g. `layer_types`) follow their layers
-        per_layer = {k: v for k, v in config.items() if isinstance(v, list) and len(v) == config[key]}
-        for k in per_layer:
-            config[k] = [ckpts[s.sources[0].path].config.get(k, per_layer[k])[i]
-                         for s in slices if s.sources[0].layers for i in range(*s.sources[0].layers)]
-        config[key] = out_layers
+    if recipe.slices is not None:
+        _relayer(config, template, slices, ckpts)
     out = recipe.out_dtype or recipe.dtype
     if out:
         config["torch_dtype"] = out
         if "dtype" in config:
             config["dtype"] = out
     return config
+
+
+def _relayer(config: dict, template: Checkpoint, slices: list[_Slice], ckpts: dict[ModelRef, Checkpoint]) -> None:
+    """A slices recipe's layer count into `config`, and per-layer lists (e.g. `layer_types`) after their layers."""
+    ranges = [(s.sources[0].path, s.sources[0].layers) for s in slices if s.stack and s.sources[0].layers]
+    if not ranges:
+        return
+    out_layers = sum(hi - lo for _, (lo, hi) in ranges)
+    key = layer_count_key(config)
+    if key is None:
+        if config and out_layers != _num_layers(template, slices[0].stack or ""):
+            raise RecipeError(f"slices: the output has {out_layers} layers, but {template.path}/config.json has no layer count "
+                              f"({', '.join(LAYER_COUNT_KEYS)}) to hold them, so slices cannot express this architecture")
+        return
+    if out_layers == config[key]:
+        return
+    per_layer = {k: v for k, v in config.items() if isinstance(v, list) and len(v) == config[key]}
+    for k in per_layer:
+        config[k] = [ckpts[path].config.get(k, per_layer[k])[i] for path, (lo, hi) in ranges for i in range(lo, hi)]
+    config[key] = out_layers
 
 
 def _tokenizer_dir(recipe: Recipe, template: Checkpoint) -> Path:

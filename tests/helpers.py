@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -23,6 +22,8 @@ from transformers import (
     MistralForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 VOCAB = 64
@@ -46,10 +47,17 @@ def gpt2_config(layers: int = 4) -> GPT2Config:
                       bos_token_id=0, eos_token_id=1)  # tied head
 
 
+def t5_config(layers: int = 3) -> T5Config:
+    """Two stacks of different depths (encoder `layers`, decoder `layers - 1`), blocks nesting sub-layers."""
+    return T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=64, num_layers=layers, num_decoder_layers=layers - 1,
+                    num_heads=4, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
 ARCHS: dict[str, tuple[Callable[[int], PretrainedConfig], type[PreTrainedModel]]] = {
     "llama": (llama_config, LlamaForCausalLM),
     "mistral": (mistral_config, MistralForCausalLM),
     "gpt2": (gpt2_config, GPT2LMHeadModel),
+    "t5": (t5_config, T5ForConditionalGeneration),
 }
 
 
@@ -66,7 +74,7 @@ def make_model(path: str | Path, arch: str = "llama", *, seed: int = 0, layers: 
     if perturb_from is None:
         model = cls(make_config(layers))
     else:
-        model = AutoModelForCausalLM.from_pretrained(perturb_from, dtype=torch.float32)
+        model = cls.from_pretrained(perturb_from, dtype=torch.float32)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in model.parameters():  # tied parameters are listed once

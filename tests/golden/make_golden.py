@@ -4,10 +4,11 @@ Run with the mergekit venv (this script must not import mergelab):
 
     /work/mkvenv/bin/python tests/golden/make_golden.py
 
-It writes tiny random Llama-shaped checkpoints (`inputs/<model>.safetensors`, one shared
-`config.json`), one recipe per case (`cases/<case>.yaml`, `dtype: float32` unless the case sets one, model paths `models/<name>`
+It writes tiny random checkpoints (`inputs/<model>.safetensors`: Llama-shaped base, a, b, c
+sharing `config.json`; T5-shaped t5_base, t5_a, t5_b sharing `config_t5.json`), one recipe per case
+(`cases/<case>.yaml`, `dtype: float32` unless the case sets one, model paths `models/<name>`
 relative to the recipe) and mergekit's merged tensors (`cases/<case>.safetensors`), plus
-`manifest.json` with the mergekit version and each output's layer count.
+`manifest.json` with the mergekit version, each input's config file and each output's layer count.
 """
 
 from __future__ import annotations
@@ -70,6 +71,70 @@ def make_models() -> dict[str, dict[str, torch.Tensor]]:
     for key, scale in (("a", 0.05), ("b", 0.03), ("c", 0.08)):
         models[key] = {n: t + scale * torch.randn(t.shape, generator=g) for n, t in base.items()}
     return models
+
+
+# T5: two stacks (encoder 3 blocks, decoder 2) of blocks nesting sub-layers, `block.N.layer.M`
+T5_CONFIG = {
+    "architectures": ["T5ForConditionalGeneration"],
+    "model_type": "t5",
+    "d_model": 16,
+    "d_kv": 4,
+    "d_ff": 32,
+    "num_layers": 3,
+    "num_decoder_layers": 2,
+    "num_heads": 2,
+    "vocab_size": 32,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6,
+    "is_encoder_decoder": True,
+    "tie_word_embeddings": True,
+    "decoder_start_token_id": 0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "torch_dtype": "float32",
+}
+T5_ATTENTION = {"q.weight": (8, 16), "k.weight": (8, 16), "v.weight": (8, 16), "o.weight": (16, 8)}
+T5_FFN = {"wi_0.weight": (32, 16), "wi_1.weight": (32, 16), "wo.weight": (16, 32)}
+
+
+def t5_shapes() -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    stacks = (("encoder", 3, ("SelfAttention", "DenseReluDense")),
+              ("decoder", 2, ("SelfAttention", "EncDecAttention", "DenseReluDense")))
+    for stack, depth, parts in stacks:
+        for i in range(depth):
+            for j, part in enumerate(parts):
+                prefix = f"{stack}.block.{i}.layer.{j}.{part}"
+                out.update({f"{prefix}.{k}": v for k, v in (T5_FFN if part == "DenseReluDense" else T5_ATTENTION).items()})
+                if i == 0 and part == "SelfAttention":  # relative position buckets live in block 0 only
+                    out[f"{prefix}.relative_attention_bias.weight"] = (32, 2)
+                out[f"{stack}.block.{i}.layer.{j}.layer_norm.weight"] = (16,)
+        out[f"{stack}.final_layer_norm.weight"] = (16,)
+    out["shared.weight"] = (32, 16)  # tied: the embeddings of both stacks and the LM head
+    return out
+
+
+def make_t5_models() -> dict[str, dict[str, torch.Tensor]]:
+    """t5_base: random; t5_a, t5_b: t5_base plus task vectors (its own generator: the Llama inputs stay as they were)."""
+    g = torch.Generator().manual_seed(4321)
+    base = {n: (1 + 0.01 * torch.randn(s, generator=g)) if len(s) == 1 else 0.1 * torch.randn(s, generator=g)
+            for n, s in t5_shapes().items()}
+    models = {"t5_base": base}
+    for key, scale in (("t5_a", 0.05), ("t5_b", 0.03)):
+        models[key] = {n: t + scale * torch.randn(t.shape, generator=g) for n, t in base.items()}
+    return models
+
+
+CONFIG_FILES = {"config.json": CONFIG, "config_t5.json": T5_CONFIG}
+
+
+def all_models() -> dict[str, tuple[dict[str, torch.Tensor], str]]:
+    """Every input model: its tensors and the name of its config file."""
+    out = {name: (tensors, "config.json") for name, tensors in make_models().items()}
+    out.update({name: (tensors, "config_t5.json") for name, tensors in make_t5_models().items()})
+    return out
 
 
 def m(name: str) -> str:
@@ -325,6 +390,19 @@ CASES: dict[str, dict] = {
         "models": [{"model": m("a")}],
         "dtype": "bfloat16",
     },
+    # T5: the layer of `encoder.block.N.layer.M...` is N, each stack with its own gradient
+    "t5_slerp_gradient": {
+        "merge_method": "slerp",
+        "base_model": m("t5_base"),
+        "models": [{"model": m("t5_base")}, {"model": m("t5_a")}],
+        "parameters": {"t": [0.1, 0.9]},
+    },
+    "t5_ties_gradient": {
+        "merge_method": "ties",
+        "base_model": m("t5_base"),
+        "models": [{"model": m("t5_a"), "parameters": {"weight": 1.0, "density": [0.3, 0.9]}},
+                   {"model": m("t5_b"), "parameters": {"weight": [0.2, 0.8], "density": 0.5}}],
+    },
 }
 
 
@@ -358,21 +436,22 @@ def main() -> None:
     import mergekit  # noqa: F401  (fail early outside the mergekit venv)
     from importlib.metadata import version
 
-    models = make_models()
+    models = all_models()
     inputs, cases = HERE / "inputs", HERE / "cases"
     for d in (inputs, cases):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
-    (HERE / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
-    for name, tensors in models.items():
+    for file, config in CONFIG_FILES.items():
+        (HERE / file).write_text(json.dumps(config, indent=2) + "\n")
+    for name, (tensors, _) in models.items():
         save_file(tensors, str(inputs / f"{name}.safetensors"))
-    manifest = {"mergekit_version": version("mergekit"), "cases": {}}
+    manifest = {"mergekit_version": version("mergekit"), "models": {n: f for n, (_, f) in models.items()}, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name in models:  # model folders next to the recipes, as the test builds them
+        for name, (_, file) in models.items():  # model folders next to the recipes, as the test builds them
             (work / "models" / name).mkdir(parents=True)
             shutil.copy(inputs / f"{name}.safetensors", work / "models" / name / "model.safetensors")
-            (work / "models" / name / "config.json").write_text(json.dumps(CONFIG))
+            (work / "models" / name / "config.json").write_text(json.dumps(CONFIG_FILES[file]))
         for case, recipe in CASES.items():
             recipe = {**recipe, "dtype": recipe.get("dtype", "float32")}
             text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
@@ -384,8 +463,9 @@ def main() -> None:
             for shard in sorted(out.glob("*.safetensors")):
                 merged.update(load_file(str(shard)))
             save_file({k: v.contiguous() for k, v in merged.items()}, str(cases / f"{case}.safetensors"))
-            layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
-            manifest["cases"][case] = {"num_hidden_layers": layers, "tensors": len(merged)}
+            out_config = json.loads((out / "config.json").read_text())
+            layers = out_config.get("num_hidden_layers", out_config.get("num_layers"))  # T5 names it num_layers
+            manifest["cases"][case] = {"layers": layers, "tensors": len(merged)}
             print(f"{case}: {len(merged)} tensors, {layers} layers")
     (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
