@@ -1,6 +1,7 @@
 """Merge speed and memory: mergelab vs mergekit on ~1.1B-parameter Llama-shaped checkpoints.
 
     python bench/bench_merge.py --workdir /tmp/mlbench [--mergekit /path/to/venv/bin/mergekit-yaml] [--repeats 3]
+                                [--baseline /tmp/ml_before]   # another checkout: before/after in one run
 
 Writes three random-weight bfloat16 checkpoints (22 layers, hidden 2048, intermediate 5632,
 vocab 32000: a shared base and two perturbed copies, ~2.2 GB each), then times, each in a
@@ -9,10 +10,15 @@ fresh process and `--repeats` times:
 - `io`        : reading every input tensor and writing an output of the same size (the floor);
 - `linear`    : a 3-model linear merge;
 - `ties`      : a 2-model TIES merge on the base (densities 0.5/0.7, weights 0.6/0.4, normalize);
+- `ties_position`: the same with `tie_break: position` (mergelab only: equal magnitudes at the
+                density cut taken by position, never sorting; not mergekit's entries);
 
 with mergelab, and with mergekit when `--mergekit` points at its `mergekit-yaml` (install it
-in a separate environment: `pip install mergekit`; it is not a dependency). Reports median
-wall time and median peak RSS per case, and the ratios, as a markdown table.
+in a separate environment: `pip install mergekit`; it is not a dependency), and with the
+mergelab of another source tree when `--baseline` names one (e.g. the commit before a change:
+`git archive REV | tar -x -C DIR`). Repeats run in rounds, every command once per round, so a
+load that comes and goes on the machine falls on all of them alike. Reports median wall time
+and median peak RSS per case, and the ratios, as a markdown table.
 """
 
 from __future__ import annotations
@@ -89,12 +95,16 @@ def recipes(root: Path, dirs: list[Path]) -> dict[str, Path]:
         "ties": f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6, density: 0.5}}\n"
                 f"  - model: {ft2}\n    parameters: {{weight: 0.4, density: 0.7}}\nparameters: {{normalize: true}}\ndtype: bfloat16\n",
     }
+    texts["ties_position"] = texts["ties"].replace("{normalize: true}", "{normalize: true, tie_break: position}")
     out = {}
     for name, text in texts.items():
         (root / f"{name}.yaml").write_text(text)
         out[name] = root / f"{name}.yaml"
     return out
 
+
+CASES = ("linear", "ties", "ties_position")
+BASELINE_CASES = ("linear", "ties")  # recipes that mergekit, and a mergelab from before tie_break, run
 
 IO_FLOOR = """
 import sys, torch
@@ -112,7 +122,7 @@ w.close()
 """
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float]:
+def run_measured(cmd: list[str], cwd: str | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of `cmd`, measured from a fresh wrapper process."""
     wrapper = (
         "import resource, subprocess, sys, time; t = time.perf_counter(); "
@@ -121,7 +131,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
         "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
         "sys.exit(r.returncode and (sys.stderr.write(r.stderr.decode()[-2000:]) or 1))"
     )
-    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, cwd=cwd)
     if res.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stderr}")
     seconds, kb = res.stdout.split()
@@ -135,6 +145,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mergekit-repeats", type=int, default=1, help="mergekit's TIES alone takes ~5 min here")
     ap.add_argument("--cases", default="io,linear,ties")
+    ap.add_argument("--baseline", help="another mergelab source tree, timed as 'CASE baseline' (its cwd puts it first on sys.path)")
     args = ap.parse_args()
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -145,35 +156,48 @@ def main() -> None:
     out = root / "out"
     env_mk = {**os.environ, "HF_HUB_OFFLINE": "1"}
     os.environ.update(env_mk)
-    cmds: dict[str, list[str]] = {}
-    cases = args.cases.split(",")
-    if "io" in cases:
-        cmds["io floor (read 3 models, write 1)"] = [sys.executable, "-c", IO_FLOOR, str(out), *map(str, dirs)]
-    for case in ("linear", "ties"):
-        if case in cases:
-            cmds[f"{case} mergelab"] = [sys.executable, "-m", "mergelab.cli", "--quiet", "merge", str(paths[case]), str(out), "--overwrite"]
-            if args.mergekit:
-                cmds[f"{case} mergekit"] = [args.mergekit, str(paths[case]), str(out), "--allow-crimes", "--lazy-unpickle"]
-    results: dict[str, tuple[float, float]] = {}
-    for label, cmd in cmds.items():
-        runs = []
-        for _ in range(args.mergekit_repeats if label.endswith("mergekit") else args.repeats):
+    cmds = commands(args, paths, dirs, out)
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in cmds}
+    for round_ in range(max(args.repeats, args.mergekit_repeats)):  # every command once per round
+        for label, (cmd, cwd) in cmds.items():
+            if round_ >= (args.mergekit_repeats if label.endswith("mergekit") else args.repeats):
+                continue
             subprocess.run(["rm", "-rf", str(out)])
-            runs.append(run_measured(cmd))
-            print(f"{label}: {runs[-1][0]:.1f} s, {runs[-1][1]:.2f} GB", file=sys.stderr)
-        results[label] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+            runs[label].append(run_measured(cmd, cwd))
+            print(f"{label}: {runs[label][-1][0]:.1f} s, {runs[label][-1][1]:.2f} GB", file=sys.stderr)
+    results = {label: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for label, rs in runs.items()}
     print("| case | median wall (s) | median peak RSS (GB) |\n|---|---:|---:|")
     for label, (s, gb) in results.items():
         print(f"| {label} | {s:.1f} | {gb:.2f} |")
     floor = results.get("io floor (read 3 models, write 1)")
-    for case in ("linear", "ties"):
+    for case in CASES:
         ours = results.get(f"{case} mergelab")
-        theirs = results.get(f"{case} mergekit")
-        if ours and floor:
-            print(f"\n{case}: mergelab / io floor = {ours[0] / floor[0]:.2f}x time", end="")
-        if ours and theirs:
-            print(f"; mergelab / mergekit = {ours[0] / theirs[0]:.2f}x time, {ours[1] / theirs[1]:.2f}x peak RSS", end="")
+        parts = [f"mergelab / io floor = {ours[0] / floor[0]:.2f}x time"] if ours and floor else []
+        for other in ("mergekit", "baseline"):
+            theirs = results.get(f"{case} {other}")
+            if ours and theirs:
+                parts.append(f"mergelab / {other} = {ours[0] / theirs[0]:.2f}x time, {ours[1] / theirs[1]:.2f}x peak RSS")
+        if parts:
+            print(f"\n{case}: " + "; ".join(parts), end="")
     print()
+
+
+def commands(args: argparse.Namespace, paths: dict[str, Path], dirs: list[Path], out: Path) -> dict[str, tuple[list[str], str | None]]:
+    """label -> (command, working directory) for every case asked for."""
+    cmds: dict[str, tuple[list[str], str | None]] = {}
+    cases = args.cases.split(",")
+    if "io" in cases:
+        cmds["io floor (read 3 models, write 1)"] = ([sys.executable, "-c", IO_FLOOR, str(out), *map(str, dirs)], None)
+    for case in CASES:
+        if case not in cases:
+            continue
+        merge = [sys.executable, "-m", "mergelab.cli", "--quiet", "merge", str(paths[case]), str(out), "--overwrite"]
+        cmds[f"{case} mergelab"] = (merge, None)
+        if args.baseline and case in BASELINE_CASES:  # `python -m` puts the working directory first on sys.path
+            cmds[f"{case} baseline"] = (merge, str(Path(args.baseline).resolve()))
+        if args.mergekit and case in BASELINE_CASES:
+            cmds[f"{case} mergekit"] = ([args.mergekit, str(paths[case]), str(out), "--allow-crimes", "--lazy-unpickle"], None)
+    return cmds
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Each merge method on tiny tensors, against values worked out by hand (independent of mergekit),
-and the exact rank selection in `_select.py` against `torch.sort`."""
+and the exact rank selection in `_select.py` against mergekit's sort calls."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from mergelab.errors import RecipeError
 from mergelab.methods import MergeInputs, get_method
 from mergelab.methods.arcee_fusion import importance, upper_fence
-from mergelab.methods._select import ascending_ranks, rank_window_mask, top_k_mask, value_at_rank
+from mergelab.methods._select import rank_window_mask, sorted_ranks, top_k_mask, value_at_rank
 
 T = torch.tensor
 
@@ -82,7 +82,12 @@ def test_ties_equal_magnitudes_keep_exactly_k() -> None:
     out = run("ties", [delta], base, [{"weight": 1.0, "density": 0.5}])
     assert int((out != 0).sum()) == 3  # both 2s and exactly one of the four tied 1s
     assert out[4] == 2 and out[5] == -2
-    assert out[3] == 1  # ties go to the later position (a stable sort's order)
+    # which tied 1 survives is the one mergekit's (unstable) argsort puts third
+    third = int(torch.argsort(delta.abs(), descending=True)[2])
+    assert out[third] == delta[third]
+    # tie_break: position keeps the first of them instead, without sorting
+    first = run("ties", [delta], base, [{"weight": 1.0, "density": 0.5}], tie_break="position")
+    assert first.tolist() == [1.0, 0.0, 0.0, 0.0, 2.0, -2.0]
 
 
 def test_ties_density_edges() -> None:
@@ -497,37 +502,109 @@ def test_value_at_rank_matches_sort(kind: str) -> None:
         assert below == int((v < val).sum()) and equal == int((v == val).sum())
 
 
-def reference_rank_mask(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Elements whose rank in a stable ascending sort (ties by position) lies in [lo, hi)."""
+def mergekit_top_k(v: torch.Tensor, k: int) -> torch.Tensor:
+    """mergekit 0.1.5's TIES trim on CPU (`sparsify.magnitude`): the first k of a descending argsort."""
     mask = torch.zeros(v.numel(), dtype=torch.bool)
-    mask[v.reshape(-1).argsort(stable=True)[lo:hi]] = True
+    mask[torch.argsort(v.reshape(-1).float(), descending=True)[:k]] = True
+    return mask.reshape(v.shape)
+
+
+def mergekit_window(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """mergekit 0.1.5's breadcrumbs window on CPU (`sparsify.magnitude_outliers`): ascending sort, [lo, hi)."""
+    mask = torch.zeros(v.numel(), dtype=torch.bool)
+    mask[torch.sort(v.reshape(-1).float(), descending=False).indices[lo:hi]] = True
     return mask.reshape(v.shape)
 
 
 @pytest.mark.parametrize("kind", TENSORS)
-def test_top_k_and_window_masks_match_sort(kind: str) -> None:
+def test_top_k_and_window_masks_match_mergekit(kind: str) -> None:
     v = TENSORS[kind]
     n = v.numel()
     for k in (1, n // 10, n // 2, n - 1):
         mask = top_k_mask(v, k)
         assert mask.shape == v.shape and int(mask.sum()) == k
-        assert torch.equal(mask, reference_rank_mask(v, n - k, n))
+        assert torch.equal(mask, mergekit_top_k(v, k))
     for lo, hi in ((0, n // 4), (n // 3, n // 3 + 1), (n // 5, n - n // 7), (0, n)):
-        assert torch.equal(rank_window_mask(v, lo, hi), reference_rank_mask(v, lo, hi))
+        assert torch.equal(rank_window_mask(v, lo, hi), mergekit_window(v, lo, hi))
 
 
+def test_torch_cpu_sort_is_not_stable() -> None:
+    """Why ties take mergekit's own sort: its order among equal values is neither by position nor reversed."""
+    v = torch.randint(0, 4, (1000,), generator=torch.Generator().manual_seed(0)).float()
+    order = torch.argsort(v, descending=True)
+    assert not torch.equal(order, torch.argsort(v, descending=True, stable=True))
+    assert not torch.equal(order, torch.argsort(v, stable=True).flip(0))
+
+
+def bf16_magnitudes(n: int, seed: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """|x - b| over bfloat16-valued weights in float32, as mergekit computes it for a `dtype: float32` recipe."""
+    g = torch.Generator().manual_seed(seed)
+    base = (0.02 * torch.randn(n, generator=g)).bfloat16().float()
+    x = (base + 0.004 * torch.randn(n, generator=g)).bfloat16().float()
+    return (x - base).abs().reshape(shape or (n,))
+
+
+@pytest.mark.parametrize("n, seed", [(7, 0), (100, 1), (4096, 2), (50_000, 3), (131_073, 4), (1_000_003, 5), (3_000_000, 6)])
+def test_bf16_masks_match_mergekit(n: int, seed: int) -> None:
+    """Over bf16-valued weights most cuts split a group of equal magnitudes: still mergekit's entries,
+    from small tensors to large ones past torch's parallel grain (and the strided-sample selection)."""
+    v = bf16_magnitudes(n, seed)
+    assert int(v.unique().numel()) < n // 2 or n < 200  # heavy ties
+    for density in (0.1, 0.5, 0.7, 0.93):
+        k = max(1, int(density * n))
+        assert torch.equal(top_k_mask(v, k), mergekit_top_k(v, k)), density
+    for lo, hi in ((n // 10, n // 2), (0, int(0.8 * n)), (n // 20, n - n // 100)):
+        assert torch.equal(rank_window_mask(v, lo, hi), mergekit_window(v, lo, hi)), (lo, hi)
+
+
+def test_bf16_masks_match_mergekit_in_any_thread_count() -> None:
+    v = bf16_magnitudes(2_000_000, 7, (1000, 2000))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(top_k_mask(v, 700_000), mergekit_top_k(v, 700_000))
+    finally:
+        torch.set_num_threads(before)
+
+
+def stable_window(v: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+    """`tie_break: position`: the same sorts with `stable=True` (equal values by position)."""
+    mask = torch.zeros(v.numel(), dtype=torch.bool)
+    mask[torch.argsort(v.reshape(-1), descending=descending, stable=True)[lo:hi]] = True
+    return mask.reshape(v.shape)
+
+
+@pytest.mark.parametrize("kind", [*TENSORS, "bf16"])
+def test_position_tie_break_is_the_stable_sort_without_sorting(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    v = TENSORS[kind] if kind in TENSORS else bf16_magnitudes(1_000_003, 8)
+    n = v.numel()
+    cuts = [(0, k) for k in (1, n // 10, n // 2, n - 1)]
+    windows = [(0, n // 4), (n // 3, n // 3 + 1), (n // 5, n - n // 7), (0, n)]
+    expected = [stable_window(v, lo, hi, True) for lo, hi in cuts] + [stable_window(v, lo, hi, False) for lo, hi in windows]
+    monkeypatch.setattr(torch, "argsort", None)  # selection only: a sort would fail here
+    monkeypatch.setattr(torch, "sort", None)
+    got = [top_k_mask(v, k, tie_break="position") for _, k in cuts]
+    got += [rank_window_mask(v, lo, hi, tie_break="position") for lo, hi in windows]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("tie_break", ["mergekit", "position"])
 @pytest.mark.parametrize("kind", TENSORS)
-def test_masks_from_remembered_ranks_are_the_same(kind: str) -> None:
-    """A search sorts once (`ascending_ranks`) and compares per density: the same masks as selecting."""
+def test_masks_from_remembered_ranks_are_the_same(kind: str, tie_break: str) -> None:
+    """A search sorts once (`sorted_ranks`) and compares per density: the same masks as selecting."""
     v = TENSORS[kind]
     n = v.numel()
-    ranks = ascending_ranks(v)
-    assert ranks is not None and ranks.dtype == torch.int32 and ranks.shape == v.shape
+    desc, asc = sorted_ranks(v, True, tie_break), sorted_ranks(v, False, tie_break)
+    assert desc.dtype == torch.int32 and desc.shape == v.shape
     for k in (0, 1, n // 10, n // 2, n - 1, n):
-        assert torch.equal(top_k_mask(v, k, ranks), top_k_mask(v, k))
+        assert torch.equal(top_k_mask(v, k, desc), top_k_mask(v, k, tie_break=tie_break))
     for lo, hi in ((0, n // 4), (n // 3, n // 3 + 1), (n // 5, n - n // 7), (0, n)):
-        assert torch.equal(rank_window_mask(v, lo, hi, ranks), rank_window_mask(v, lo, hi))
+        assert torch.equal(rank_window_mask(v, lo, hi, asc), rank_window_mask(v, lo, hi, tie_break=tie_break))
 
 
-def test_no_ranks_for_nan() -> None:
-    assert ascending_ranks(T([1.0, float("nan"), 0.5])) is None
+def test_nan_sorts_as_in_mergekit() -> None:
+    v = T([1.0, float("nan"), 0.5, 0.5, 2.0])
+    for k in range(6):
+        assert torch.equal(top_k_mask(v, k), mergekit_top_k(v, k))
+        assert torch.equal(top_k_mask(v, k, sorted_ranks(v, True)), mergekit_top_k(v, k))

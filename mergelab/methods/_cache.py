@@ -7,15 +7,15 @@ afterwards, so that a new density costs one comparison instead of a selection or
 
 | key         | what                                                            | bytes per element | used by |
 |-------------|-----------------------------------------------------------------|-------------------|---------|
-| `ranks`     | ascending rank of each abs(x_i - b), ties by position (int32*)  | 4                 | ties, breadcrumbs*: the top-k mask is `ranks >= n - k` |
+| `ranks`     | position of each abs(x_i - b) in mergekit's sort of them (int32*) | 4 per order     | ties (descending: the top-k mask is `ranks < k`), breadcrumbs* (ascending) |
 | `draws`     | the uniform draws of input i's generator, for the latest seed   | 4                 | dare_*, della* |
 | `row_ranks` | DELLA: each magnitude's rank within its row, as a fraction      | 4                 | della* |
 | `norm`      | the norm of abs(x_i - b) that rescaling keeps (one number)      | -                 | rescale l1, l2, linf |
 
 (* int64, 8 bytes, past 2**31 elements.) So TIES and DARE hold 4 bytes per element of each
 expert beside the sources, DELLA 8, task arithmetic nothing. Each is made by the code that makes
-it without a cache (`ranks` by a stable sort, which ranks ties as the selection of `_select.py`
-does), so results are the same bit for bit.
+it without a cache (`ranks` by mergekit's own sort call, whose order among equal magnitudes is
+the one `_select.py` falls back to), so results are the same bit for bit.
 Remembering x_i - b and abs(x_i - b) too would take 4 bytes per element each and saved nothing
 measurable (`bench/bench_candidates.py`): they are remade per candidate, as in `mergelab merge`.
 

@@ -1,4 +1,4 @@
-"""Exact rank selection without a full sort.
+"""Exact rank selection without a full sort, with mergekit's choice among equal values.
 
 TIES, breadcrumbs and their kin keep the top-k magnitudes of every task vector. A full sort
 (or `torch.kthvalue`) of a 100M-element tensor costs seconds; instead we find the value at a
@@ -9,11 +9,22 @@ given rank exactly in three cheap passes:
 2) one pass counts the elements below `lo` and gathers those inside the bracket;
 3) `kthvalue` on the few gathered elements gives the exact value.
 
-Ties are broken by position (the earlier element ranks lower), so the masks below keep
-exactly the number of elements asked for, as an argsort-based selection does.
+The kept set is then every element above that value, and the cut is exact unless it splits a
+group of equal values (ties). mergekit keeps `torch.argsort(|d|, descending=True)[:k]` (TIES)
+and `torch.sort(|d|).indices[lo:hi]` (breadcrumbs). torch's CPU sort is not stable (it takes
+`stable=False` to mean x86-simd-sort's quicksort on AVX2/AVX-512 CPUs, `std::sort` elsewhere),
+so which of the tied elements it puts first depends on the whole tensor, not on the tied
+elements alone: checked on torch 2.13 from 40 to 5M elements, in 1 and 2 threads (the order
+is the same in both, and run to run). So where the cut splits a tie group we make mergekit's
+own call on the whole tensor (`tie_break: mergekit`, the default); elsewhere (float32-valued
+checkpoints, nearly always) selection alone is exact. Over bf16-valued checkpoints a task
+vector has many equal magnitudes and most cuts split a group: those tensors are sorted, as
+mergekit sorts them, which made a 1.1B TIES merge 3.4x slower (bench/bench_merge.py).
+`tie_break: position` takes the tied elements by position instead (the order of the same
+calls with `stable=True`): selection only, never a sort, but not mergekit's entries.
 
 A search asks for masks of the same magnitudes at many densities: it sorts once
-(`ascending_ranks`, remembered) and passes the ranks, and each mask is one comparison.
+(`sorted_ranks`, remembered) and passes the ranks, and each mask is one comparison.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import math
 
 import torch
 
+TIE_BREAKS = ("mergekit", "position")
 _SAMPLE = 1 << 16
 _SMALL = 1 << 17
 _CHUNK = 1 << 20
@@ -60,54 +72,79 @@ def value_at_rank(v: torch.Tensor, r: int) -> tuple[torch.Tensor, int, int]:
     return val, below + int((inside < val).sum()), int((inside == val).sum())
 
 
-def ascending_ranks(v: torch.Tensor) -> torch.Tensor | None:
-    """Each element's ascending rank in `v` (shape of `v`; int32, int64 past 2**31 elements), ties
-    broken by position as in the masks here. None when `v` holds a NaN: a sort places NaNs where
-    the selection does not, so such masks are made by the selection."""
+def sorted_ranks(v: torch.Tensor, descending: bool, tie_break: str = "mergekit") -> torch.Tensor:
+    """Each element's position in the sort of flat `v` (shape of `v`; int32, int64 past 2**31 elements)."""
     flat = v.reshape(-1)
-    if bool(torch.isnan(flat).any()):
-        return None
     n = flat.numel()
     dtype = torch.int32 if n < 2**31 else torch.int64
     ranks = torch.empty(n, dtype=dtype, device=v.device)
-    ranks[flat.argsort(stable=True)] = torch.arange(n, dtype=dtype, device=v.device)
+    ranks[_order(flat, descending, tie_break)] = torch.arange(n, dtype=dtype, device=v.device)
     return ranks.reshape(v.shape)
 
 
-def rank_at_least(v: torch.Tensor, r: int, ranks: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool mask (shape of `v`) of the elements whose ascending rank is >= r: the top n - r.
+def top_k_mask(v: torch.Tensor, k: int, ranks: torch.Tensor | None = None, tie_break: str = "mergekit") -> torch.Tensor:
+    """Bool mask (shape of `v`) of `torch.argsort(v, descending=True)[:k]`: mergekit's TIES trim.
 
-    `ranks`: `ascending_ranks(v)`, when known; then the mask is one comparison."""
+    `ranks`: `sorted_ranks(v, True, tie_break)`, when known; then the mask is one comparison."""
     if ranks is not None:
-        return ranks >= r
-    n = v.numel()
-    if r <= 0:
-        return torch.ones_like(v, dtype=torch.bool)
-    if r >= n:
-        return torch.zeros_like(v, dtype=torch.bool)
+        return ranks < k
+    return _window(v, 0, k, True, tie_break)
+
+
+def rank_window_mask(v: torch.Tensor, lo: int, hi: int, ranks: torch.Tensor | None = None,
+                     tie_break: str = "mergekit") -> torch.Tensor:
+    """Bool mask (shape of `v`) of `torch.sort(v).indices[lo:hi]`: mergekit's breadcrumbs window.
+
+    `ranks`: `sorted_ranks(v, False, tie_break)`, when known."""
+    if ranks is not None:
+        return (ranks >= lo) & (ranks < hi)
+    return _window(v, lo, hi, False, tie_break)
+
+
+def _window(v: torch.Tensor, lo: int, hi: int, descending: bool, tie_break: str) -> torch.Tensor:
+    """Mask of the elements at [lo, hi) of the sort of flat `v`: selected, or sorted where only the sort can say."""
     flat = v.reshape(-1)
-    val, n_less, n_equal = value_at_rank(flat, r)
-    wanted_equal = n_less + n_equal - r  # how many of the tied elements rank >= r
-    if wanted_equal == n_equal:
-        return v >= val
-    mask = flat >= val
-    # the first (n_equal - wanted_equal) tied positions rank below r: drop them, scanning only
-    # as far as needed
-    to_drop = n_equal - wanted_equal
-    for start in range(0, n, _CHUNK):
-        tied = torch.nonzero(flat[start : start + _CHUNK] == val).squeeze(1)[:to_drop]
-        mask[start + tied] = False
-        to_drop -= tied.numel()
-        if to_drop == 0:
+    upper = _leading(flat, hi, descending, tie_break)
+    lower = _leading(flat, lo, descending, tie_break) if lo > 0 else None
+    if upper is None or (lo > 0 and lower is None):
+        return _positions(flat, _order(flat, descending, tie_break)[lo:hi]).reshape(v.shape)
+    if lower is not None:
+        upper &= ~lower
+    return upper.reshape(v.shape)
+
+
+def _leading(flat: torch.Tensor, m: int, descending: bool, tie_break: str) -> torch.Tensor | None:
+    """Mask of the first m elements of the sort of `flat`; None when only the sort can say which they
+    are: the cut splits equal values under `tie_break: mergekit`, or a NaN (a sort puts it at one end)."""
+    n = flat.numel()
+    if m <= 0 or m >= n:
+        return torch.full_like(flat, m >= n, dtype=torch.bool)
+    if not bool(torch.isfinite(flat.sum())):
+        return None
+    # 1) the value at the cut, and how many equal to it are among the first m
+    val, n_less, n_equal = value_at_rank(flat, n - m if descending else m - 1)
+    take = m - (n - n_less - n_equal if descending else n_less)
+    if take == n_equal:  # 2) all of them: no order among them needed
+        return flat >= val if descending else flat <= val
+    if tie_break == "mergekit":
+        return None
+    # 3) `position`: those ahead of the value, and the first `take` equal to it
+    mask = flat > val if descending else flat < val
+    for start in range(0, n, _CHUNK):  # scanning no further than needed
+        idx = torch.nonzero(flat[start : start + _CHUNK] == val).squeeze(1)[:take]
+        mask[start + idx] = True
+        take -= idx.numel()
+        if take == 0:
             break
-    return mask.reshape(v.shape)
+    return mask
 
 
-def top_k_mask(v: torch.Tensor, k: int, ranks: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool mask of the k largest elements of `v` (ties: earlier positions lose)."""
-    return rank_at_least(v, v.numel() - k, ranks)
+def _order(flat: torch.Tensor, descending: bool, tie_break: str) -> torch.Tensor:
+    """mergekit's sort call (`stable=False`: its order among equal values), or the stable one (by position)."""
+    return torch.argsort(flat, descending=descending, stable=tie_break == "position")
 
 
-def rank_window_mask(v: torch.Tensor, lo: int, hi: int, ranks: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool mask of the elements whose ascending rank lies in [lo, hi)."""
-    return rank_at_least(v, lo, ranks) & ~rank_at_least(v, hi, ranks)
+def _positions(flat: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[positions] = True
+    return mask

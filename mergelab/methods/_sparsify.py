@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mergelab.methods._cache import NO_MEMO, Memo
-from mergelab.methods._select import ascending_ranks, rank_window_mask, top_k_mask
+from mergelab.methods._select import rank_window_mask, sorted_ranks, top_k_mask
 
 RESCALE_MODES = ("l1", "l2", "linf", "probability")
 
@@ -38,22 +38,22 @@ class Sparse:
     scale: float | torch.Tensor = 1.0
 
 
-def magnitude(mag: torch.Tensor, density: float, memo: Memo = NO_MEMO) -> Sparse:
-    """Keep the k = max(1, int(density * n)) entries of largest magnitude."""
+def magnitude(mag: torch.Tensor, density: float, memo: Memo = NO_MEMO, tie_break: str = "mergekit") -> Sparse:
+    """Keep the k = max(1, int(density * n)) entries of largest magnitude (equal ones: see `_select.py`)."""
     if density >= 1:
         return Sparse()
     if density <= 0 or mag.numel() == 0:
         return Sparse(keep=torch.zeros_like(mag, dtype=torch.bool))
     k = max(1, int(density * mag.numel()))
-    return Sparse(keep=top_k_mask(mag, k, _ranks(mag, memo)))
+    return Sparse(keep=top_k_mask(mag, k, _ranks(mag, memo, True, tie_break), tie_break))
 
 
-def _ranks(mag: torch.Tensor, memo: Memo) -> torch.Tensor | None:
-    """With a cache, the magnitudes' ranks (one sort, remembered); without, None: select each time."""
-    return memo("ranks", lambda: ascending_ranks(mag)) if memo.active else None
+def _ranks(mag: torch.Tensor, memo: Memo, descending: bool, tie_break: str) -> torch.Tensor | None:
+    """With a cache, the magnitudes' positions in their sort (one sort, remembered); without, None: select each time."""
+    return memo(("ranks", descending, tie_break), lambda: sorted_ranks(mag, descending, tie_break)) if memo.active else None
 
 
-def magnitude_outliers(mag: torch.Tensor, density: float, gamma: float, memo: Memo = NO_MEMO) -> Sparse:
+def magnitude_outliers(mag: torch.Tensor, density: float, gamma: float, memo: Memo = NO_MEMO, tie_break: str = "mergekit") -> Sparse:
     """Drop the int(gamma * n) largest magnitudes and enough of the smallest to keep int(density * n)."""
     if density >= 1:
         return Sparse()
@@ -61,7 +61,7 @@ def magnitude_outliers(mag: torch.Tensor, density: float, gamma: float, memo: Me
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)  # fewer outliers dropped when density demands it
-    return Sparse(keep=rank_window_mask(mag, n_bottom, n_bottom + target, _ranks(mag, memo)))
+    return Sparse(keep=rank_window_mask(mag, n_bottom, n_bottom + target, _ranks(mag, memo, False, tie_break), tie_break))
 
 
 def _draws(shape: torch.Size, generator: torch.Generator, device: torch.device, memo: Memo) -> torch.Tensor:

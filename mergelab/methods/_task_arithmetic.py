@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 
 from mergelab.methods import _sparsify
+from mergelab.methods._select import TIE_BREAKS
 from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
 CHUNK = 1 << 20  # elements per step of the elementwise pass (~1 MB of float32)
@@ -57,6 +58,10 @@ def preset_params(*, sparsify: str | None, consensus: bool, normalize: bool, res
     if sparsify is not None:
         params.append(Param("rescale_mode", str, "global", "l1", choices=_sparsify.RESCALE_MODES,
                             doc="l1/l2/linf: keep that norm of the task vector (mergekit); probability: divide by keep probability (papers)"))
+    if sparsify in ("magnitude", "magnitude_outliers"):
+        params.append(Param("tie_break", str, "global", "mergekit", choices=TIE_BREAKS,
+                            doc="equal magnitudes at the density cut: mergekit's (its argsort's choice; sorts the tensor "
+                                "where the cut splits them) or position (earlier entries first; never sorts)"))
     if consensus:
         params.append(Param("sign_from", str, "global", "weighted", choices=("weighted", "trimmed"),
                             doc="elect the sign from the weighted (mergekit) or unweighted trimmed (TIES paper) task vectors"))
@@ -104,9 +109,9 @@ class TaskArithmeticFamily(MergeMethod):
         magnitude = buffer  # (n,) = |delta|; all the sparsifiers and norms need only magnitudes
         memo = inputs.memo(i)  # a search's cache: what follows from |delta| or the seed alone (_cache.py)
         if self.sparsify == "magnitude":
-            sparse = _sparsify.magnitude(magnitude, density, memo)
+            sparse = _sparsify.magnitude(magnitude, density, memo, inputs.options["tie_break"])
         elif self.sparsify == "magnitude_outliers":
-            sparse = _sparsify.magnitude_outliers(magnitude, density, float(p["gamma"]), memo)
+            sparse = _sparsify.magnitude_outliers(magnitude, density, float(p["gamma"]), memo, inputs.options["tie_break"])
         elif self.sparsify == "random":
             sparse = _sparsify.random(magnitude, density, inputs.generator(i), memo)
         elif self.sparsify == "della_magprune":

@@ -5,7 +5,7 @@ Run with the mergekit venv (this script must not import mergelab):
     /work/mkvenv/bin/python tests/golden/make_golden.py
 
 It writes tiny random checkpoints (`inputs/<model>.safetensors`: Llama-shaped base, a, b, c
-sharing `config.json`; T5-shaped t5_base, t5_a, t5_b sharing `config_t5.json`), one recipe per case
+and their bfloat16 roundings <model>_bf16, sharing `config.json`; T5-shaped t5_base, t5_a, t5_b sharing `config_t5.json`), one recipe per case
 (`cases/<case>.yaml`, `dtype: float32` unless the case sets one, model paths `models/<name>`
 relative to the recipe) and mergekit's merged tensors (`cases/<case>.safetensors`), plus
 `manifest.json` with the mergekit version, each input's config file and each output's layer count.
@@ -132,7 +132,10 @@ CONFIG_FILES = {"config.json": CONFIG, "config_t5.json": T5_CONFIG}
 
 def all_models() -> dict[str, tuple[dict[str, torch.Tensor], str]]:
     """Every input model: its tensors and the name of its config file."""
-    out = {name: (tensors, "config.json") for name, tensors in make_models().items()}
+    llama = make_models()
+    out = {name: (tensors, "config.json") for name, tensors in llama.items()}
+    # bf16-valued checkpoints (stored as bfloat16, as on the hub): their task vectors tie in magnitude
+    out.update({f"{name}_bf16": ({n: t.bfloat16() for n, t in tensors.items()}, "config.json") for name, tensors in llama.items()})
     out.update({name: (tensors, "config_t5.json") for name, tensors in make_t5_models().items()})
     return out
 
@@ -403,6 +406,33 @@ CASES: dict[str, dict] = {
         "models": [{"model": m("t5_a"), "parameters": {"weight": 1.0, "density": [0.3, 0.9]}},
                    {"model": m("t5_b"), "parameters": {"weight": [0.2, 0.8], "density": 0.5}}],
     },
+}
+
+
+def variant(case: str, suffix: str = "", **keys: object) -> dict:
+    """Case `case` over the models `<name><suffix>`, with top-level `keys` set (e.g. dtype)."""
+    def rename(value: object) -> object:
+        if isinstance(value, str) and value.startswith("models/"):
+            return value + suffix
+        if isinstance(value, dict):
+            return {k: rename(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rename(v) for v in value]
+        return value
+
+    return {**rename(CASES[case]), **keys}  # type: ignore[dict-item]
+
+
+# bf16-valued inputs in a float32 recipe: many equal magnitudes at the density cut, where mergekit
+# keeps those its (unstable) argsort puts first
+CASES.update({f"{case}_bf16_inputs": variant(case, "_bf16")
+              for case in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties_density1")})
+CASES["ties_rescale_bf16_inputs"] = {
+    "merge_method": "ties",
+    "base_model": m("base_bf16"),
+    "models": [{"model": m("a_bf16"), "parameters": {"weight": 0.5, "density": 0.3}},
+               {"model": m("c_bf16"), "parameters": {"weight": 0.5, "density": 0.45}}],
+    "parameters": {"rescale": True, "lambda": 1.2},
 }
 
 
