@@ -26,6 +26,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", default="5GB", help="max shard size, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin checkpoints (loaded with weights_only=True)")
+    p.add_argument("--float32-arithmetic", action="store_true",
+                   help="compute bfloat16/float16 merges in float32 and round once at the output (the recipe key "
+                        "'arithmetic: float32'); default: mergekit's arithmetic, bit for bit")
     p.set_defaults(func=_run_merge)
 
 
@@ -41,6 +44,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
+        float32_arithmetic=args.float32_arithmetic,
     )
     return 0
 

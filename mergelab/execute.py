@@ -71,13 +71,14 @@ def merge_job(plan: Plan, job: TensorJob, tensors: dict[Source, torch.Tensor], d
         out_dtype=job.dtype,
         generator_device=device,
         cache=cache,
+        float32_arithmetic=plan.recipe.arithmetic == "float32",
     )
     return plan.method.merge(inputs).to(job.dtype)
 
 
 def _prepare(t: torch.Tensor, device: torch.device, load_dtype: torch.dtype | None) -> torch.Tensor:
     t = t.to(device, non_blocking=True)
-    # mergekit rounds inputs to the recipe's `dtype` before merging; so do we (math stays float32)
+    # mergekit rounds inputs to the recipe's `dtype` before merging; so do we
     return t.to(load_dtype) if load_dtype is not None and t.is_floating_point() else t
 
 

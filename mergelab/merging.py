@@ -39,13 +39,17 @@ def merge(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    float32_arithmetic: bool = False,
 ) -> Path:
     """Run a merge recipe (a YAML path, a dict, or a `Recipe`) and write the model to `out`.
 
     Everything is validated before the first tensor is read; the model is written into
     `out.partial/` and renamed to `out` when complete. Returns the output folder.
+    `float32_arithmetic`: as the recipe key `arithmetic: float32` (and recorded in the written recipe).
     """
     recipe = load_recipe(recipe)
+    if float32_arithmetic:
+        recipe = recipe.model_copy(update={"arithmetic": "float32"})
     folder = OutputFolder(out, overwrite)
     size = parse_size(shard_size)
     resolve_device(device)

@@ -13,6 +13,18 @@ a list of booleans or strings steps through its values instead),
 or a list of `{filter, value}` entries (the first whose filter is a substring of the tensor
 name wins; no filter matches everything). Model paths are resolved relative to the recipe file.
 
+Arithmetic is mergekit's by default: each method computes in the dtype mergekit computes it in,
+which for most is the inputs' dtype after `dtype:` (a `dtype: bfloat16` TIES subtracts, trims,
+weights and sums in bfloat16, its weights rounded to bfloat16; linear and slerp compute in
+float32 and round their result to bfloat16), so the output is mergekit's bit for bit.
+`arithmetic: float32` (or `mergelab merge --float32-arithmetic`) widens bfloat16 and float16
+values to float32 for every step of every method and rounds once, at the output: the inputs are
+still rounded to `dtype:` first and the output is still written in `out_dtype`/`dtype`, but task
+vectors, weights, products, sums, norms and angles carry no intermediate half-precision rounding
+(so a TIES-family trim may keep other entries: task-vector magnitudes equal in bfloat16 can differ
+in float32). Linear and slerp results are mergekit's either way unless `out_dtype` is wider than
+`dtype`; float32 and float64 recipes are unchanged.
+
 A model may carry a LoRA adapter, applied to it tensor by tensor while merging (no merged copy
 on disk): `model: base+adapter` (mergekit's syntax) or an explicit `adapter:` key on a
 `models[]` entry or slice source. `base+adapter` is split on the LAST '+' only when the part
@@ -100,6 +112,7 @@ class Recipe(_Strict):
     parameters: dict[str, Setting] | None = None
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    arithmetic: Literal["mergekit", "float32"] | None = None  # None: mergekit's (see the module docstring)
     tokenizer_source: str | None = None
     chat_template: str | None = None
     name: str | None = None

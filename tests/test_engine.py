@@ -127,6 +127,19 @@ def test_out_dtype_and_relative_paths(tmp_path: Path, family: dict[str, Path]) -
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+def test_float32_arithmetic_flag_is_the_recipe_key(tmp_path: Path, family: dict[str, Path]) -> None:
+    """`--float32-arithmetic` = `arithmetic: float32` (written into the output's recipe); it changes a
+    bfloat16 TIES merge (mergekit's default computes it in bfloat16)."""
+    recipe = {"merge_method": "ties", "base_model": str(family["base"]), "dtype": "bfloat16",
+              "models": [{"model": str(family[k]), "parameters": {"weight": 0.6, "density": 0.5}} for k in ("a", "b")]}
+    assert run_cli("merge", write_recipe(tmp_path, recipe), tmp_path / "flag", "--float32-arithmetic") == 0
+    assert yaml.safe_load((tmp_path / "flag" / "mergekit_config.yml").read_text())["arithmetic"] == "float32"
+    flag, key = load_state(tmp_path / "flag"), load_state(merge({**recipe, "arithmetic": "float32"}, tmp_path / "key", progress=False))
+    default = load_state(merge(recipe, tmp_path / "default", progress=False))
+    assert all(torch.equal(flag[k], key[k]) and flag[k].dtype == torch.bfloat16 for k in flag)
+    assert any(not torch.equal(flag[k], default[k]) for k in flag)
+
+
 def test_dare_is_reproducible_from_seed(tmp_path: Path, family: dict[str, Path]) -> None:
     recipe = {"merge_method": "dare_ties", "base_model": str(family["base"]),
               "models": [{"model": str(family[k]), "parameters": {"weight": 0.5, "density": 0.5}} for k in ("a", "b")]}
@@ -283,6 +296,8 @@ BAD_RECIPES = [
     ({"merge_method": "slerp", "base_model": "BASE", "models": [{"model": "A"}]}, "needs a value for 't'"),
     ({"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 1}}], "tokenizer_source": "union"}, "not supported yet"),
     ({"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 1}}], "dtype": "float8"}, "dtype: must be one of"),
+    ({"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 1}}], "arithmetic": "float64"},
+     "arithmetic: must be one of"),
     ({"merge_method": "linear", "models": [{"model": "NOPE", "parameters": {"weight": 1}}]}, "models[0].model: "),
     ({"merge_method": "passthrough", "models": [{"model": "A"}, {"model": "BASE"}]}, "takes at most 1 model"),
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_range": [2, 9]}]}]}, "past the 4 layers"),

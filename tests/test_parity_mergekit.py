@@ -1,5 +1,5 @@
 """Parity with mergekit: every deterministic method, on the recipes in `tests/golden/cases/`,
-gives mergekit's tensors bit for bit (slerp, for now, within float32 rounding).
+gives mergekit's tensors bit for bit.
 
 The golden outputs were produced by mergekit (see `tests/golden/make_golden.py`, which records
 the version in `manifest.json`); this test needs neither mergekit nor the network.
@@ -8,6 +8,7 @@ the version in `manifest.json`); this test needs neither mergekit nor the networ
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -22,10 +23,9 @@ from mergelab.merging import merge
 GOLDEN = Path(__file__).parent / "golden"
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
 CASES = sorted(MANIFEST["cases"])
-# mergelab runs the same torch ops as mergekit, in the same order and dtypes (bfloat16 included), and
-# keeps the same entries where magnitudes tie: its results are mergekit's bit for bit, no tolerance.
-# Except, for now, slerp: its coefficients are computed in float64 here and in NumPy there (1 ulp).
-TOLERANCE = {"slerp": 1e-5}
+# mergelab runs the same torch ops as mergekit, in the same order and dtypes (bfloat16 and float16
+# arithmetic included), and keeps the same entries where magnitudes tie: its results are mergekit's
+# bit for bit, so there is no tolerance.
 # Cases where mergekit writes float32 tensors for a `dtype: bfloat16` recipe (a float32 mask or
 # boost promotes the method's bfloat16 arithmetic, and mergekit never casts back); mergelab writes
 # the recipe's dtype, which must be mergekit's float32 result rounded to it.
@@ -92,13 +92,50 @@ def test_matches_mergekit(case: str, workdir: Path) -> None:
     ours = load_merged(out)
     theirs = load_file(str(GOLDEN / "cases" / f"{case}.safetensors"))
     assert sorted(ours) == sorted(theirs)
-    tolerance = TOLERANCE.get(yaml.safe_load(recipe.read_text())["merge_method"], 0.0)
     for name, expected in theirs.items():
         if case in WIDENED:
             assert expected.dtype == torch.float32 and ours[name].dtype == torch.bfloat16, name
             expected = expected.to(torch.bfloat16)
         assert ours[name].dtype == expected.dtype, name
-        torch.testing.assert_close(ours[name], expected, rtol=tolerance, atol=tolerance / 10,
-                                   msg=lambda m: f"{case} {name}: {m}")
+        torch.testing.assert_close(ours[name], expected, rtol=0, atol=0, msg=lambda m: f"{case} {name}: {m}")
     config = json.loads((out / "config.json").read_text())
     assert config[layer_count_key(config)] == MANIFEST["cases"][case]["layers"]
+
+
+# ---------------------------------------------------------------- arithmetic: float32
+WIDENED_ARITHMETIC = ["linear_sum_bf16", "task_arithmetic_bf16", "ties_bf16", "breadcrumbs_ties_bf16", "slerp_gradient_bf16",
+                      "nuslerp_base_rowwise_bf16", "model_stock_bf16", "ties_fp16", "model_stock_fp16"]
+
+
+def _rounded_inputs(workdir: Path, dtype: str) -> str:
+    """The inputs rounded to `dtype` and stored as float32, as `models/<name>_<dtype>`; returns the suffix."""
+    for inputs in (GOLDEN / "inputs").glob("*.safetensors"):
+        folder = workdir / "models" / f"{inputs.stem}_{dtype}"
+        if not folder.exists():
+            tensors = {k: v.to(getattr(torch, dtype)).float() for k, v in load_file(str(inputs)).items()}
+            save_file(tensors, str(workdir / "rounded.safetensors"))
+            _write_model(workdir / "rounded.safetensors", folder, json.loads((GOLDEN / MANIFEST["models"][inputs.stem]).read_text()))
+    return f"_{dtype}"
+
+
+def _merged(workdir: Path, text: str, name: str) -> dict[str, torch.Tensor]:
+    (workdir / f"{name}.yaml").write_text(text)
+    return load_merged(merge(workdir / f"{name}.yaml", workdir / f"out_{name}", progress=False))
+
+
+@pytest.mark.parametrize("case", WIDENED_ARITHMETIC)
+def test_float32_arithmetic_rounds_once(case: str, workdir: Path) -> None:
+    """`arithmetic: float32` on a half-precision recipe is the float32 merge of the inputs rounded to
+    that dtype, rounded once at the output: mergekit's result for linear and slerp (which compute in
+    float32 there too), another one for the methods mergekit computes in the half dtype."""
+    text = (GOLDEN / "cases" / f"{case}.yaml").read_text()
+    dtype = yaml.safe_load(text)["dtype"]
+    widened = _merged(workdir, text + "arithmetic: float32\n", f"{case}_widened")
+    suffix = _rounded_inputs(workdir, dtype)
+    reference = re.sub(r"models/(\w+)", rf"models/\1{suffix}", text).replace(f"dtype: {dtype}", "dtype: float32")
+    exact = _merged(workdir, reference, f"{case}_float32")
+    theirs = load_file(str(GOLDEN / "cases" / f"{case}.safetensors"))
+    for name, tensor in widened.items():
+        assert tensor.dtype == getattr(torch, dtype) and torch.equal(tensor, exact[name].to(tensor.dtype)), name
+    as_mergekit = all(torch.equal(tensor, theirs[name]) for name, tensor in widened.items())
+    assert as_mergekit == (yaml.safe_load(text)["merge_method"] in ("linear", "slerp"))

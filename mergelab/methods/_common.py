@@ -9,8 +9,11 @@ from mergelab.methods.base import MergeInputs
 CHUNK = 1 << 18  # elements per step of element-wise passes (~1 MB of float32: stays in cache)
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
 def work_dtype(t: torch.Tensor) -> torch.dtype:
-    """Merges compute in float32, or float64 when the inputs already are."""
+    """float32, or float64 when the inputs already are: what mergekit's linear and slerp compute in."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -22,12 +25,25 @@ def promoted_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def aligned(inputs: MergeInputs) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """The inputs and the base (if any) in their promoted dtype, without upcasting.
+def compute_dtype(inputs: MergeInputs) -> torch.dtype:
+    """The dtype most of mergekit's methods compute in: the inputs' promoted dtype, so bfloat16 over
+    bfloat16 inputs (a `dtype: bfloat16` recipe); float32 instead under `arithmetic: float32`."""
+    dtype = promoted_dtype(inputs.tensors + ([inputs.base] if inputs.base is not None else []))
+    return torch.float32 if inputs.float32_arithmetic and dtype in HALF else dtype
 
-    mergekit's newer methods (multislerp, sce, ram, nearswap, ...) compute in this dtype, so over
-    bfloat16 inputs their arithmetic is bfloat16; the methods that mirror them call this."""
-    every = inputs.tensors + ([inputs.base] if inputs.base is not None else [])
-    dtype = promoted_dtype(every)
+
+def result_dtype(inputs: MergeInputs, work: torch.dtype) -> torch.dtype:
+    """What a method computing in `work` returns: mergekit rounds a half-precision merge to the inputs'
+    dtype (then to the output's); under `arithmetic: float32` it goes straight to the output dtype."""
+    dtype = compute_dtype(inputs)
+    return dtype if dtype in HALF else (inputs.out_dtype or work)
+
+
+def aligned(inputs: MergeInputs) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The inputs and the base (if any) in `compute_dtype` (bfloat16 stays bfloat16 unless widened).
+
+    mergekit's methods other than linear and slerp compute in this dtype, so over bfloat16 inputs
+    their arithmetic is bfloat16; the methods that mirror them call this."""
+    dtype = compute_dtype(inputs)
     xs = [x.to(dtype) for x in inputs.tensors]
     return xs, (inputs.base.to(dtype) if inputs.base is not None else None)

@@ -45,12 +45,20 @@ def magnitude(mag: torch.Tensor, density: float, memo: Memo = NO_MEMO, tie_break
     if density <= 0 or mag.numel() == 0:
         return Sparse(keep=torch.zeros_like(mag, dtype=torch.bool))
     k = max(1, int(density * mag.numel()))
-    return Sparse(keep=top_k_mask(mag, k, _ranks(mag, memo, True, tie_break), tie_break))
+    keys = _keys(mag)
+    return Sparse(keep=top_k_mask(keys, k, _ranks(keys, memo, True, tie_break), tie_break))
 
 
-def _ranks(mag: torch.Tensor, memo: Memo, descending: bool, tie_break: str) -> torch.Tensor | None:
-    """With a cache, the magnitudes' positions in their sort (one sort, remembered); without, None: select each time."""
-    return memo(("ranks", descending, tie_break), lambda: sorted_ranks(mag, descending, tie_break)) if memo.active else None
+def _keys(mag: torch.Tensor) -> torch.Tensor:
+    """What mergekit ranks: on CPU the magnitudes in float32 (its `w.float()`, for any dtype), elsewhere as they are."""
+    return mag.float() if mag.device.type == "cpu" else mag
+
+
+def _ranks(keys: torch.Tensor, memo: Memo, descending: bool, tie_break: str) -> torch.Tensor | None:
+    """With a cache, the keys' positions in their sort (one sort, remembered); without, None: select each time."""
+    if not memo.active:
+        return None
+    return memo(("ranks", descending, tie_break, keys.dtype), lambda: sorted_ranks(keys, descending, tie_break))
 
 
 def magnitude_outliers(mag: torch.Tensor, density: float, gamma: float, memo: Memo = NO_MEMO, tie_break: str = "mergekit") -> Sparse:
@@ -61,7 +69,8 @@ def magnitude_outliers(mag: torch.Tensor, density: float, gamma: float, memo: Me
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)  # fewer outliers dropped when density demands it
-    return Sparse(keep=rank_window_mask(mag, n_bottom, n_bottom + target, _ranks(mag, memo, False, tie_break), tie_break))
+    keys = _keys(mag)
+    return Sparse(keep=rank_window_mask(keys, n_bottom, n_bottom + target, _ranks(keys, memo, False, tie_break), tie_break))
 
 
 def _draws(shape: torch.Size, generator: torch.Generator, device: torch.device, memo: Memo) -> torch.Tensor:
@@ -111,7 +120,7 @@ def rescale(mag: torch.Tensor, sparse: Sparse, mode: str | None, eps: float = 1e
         return Sparse(sparse.keep, 1.0)
     if mode not in _NORMS:
         raise ValueError(f"unknown rescale mode {mode!r}; choose one of {', '.join(RESCALE_MODES)}")
-    before = memo(("norm", mode), lambda: _NORMS[mode](mag))
+    before = memo(("norm", mode, mag.dtype), lambda: _NORMS[mode](mag))  # in mag's dtype, as mergekit
     after = _NORMS[mode](mag * sparse.keep)
     if before < eps or after < eps:
         return Sparse(sparse.keep, 1.0)

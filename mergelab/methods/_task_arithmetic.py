@@ -16,9 +16,11 @@ For base b, inputs x_i with weights w_i (all per tensor):
 7) scale            out = b + lambda * m
 
 Steps 3-7 are elementwise and run over cache-sized chunks, so no full-size temporaries beyond
-the keep-masks are made. This matches mergekit's `GeneralizedTaskArithmeticMerge` (the same
-steps, in float32); TIES as published elects the sign from the unweighted trimmed vectors and
-averages without weights: `sign_from: trimmed` with equal weights gives exactly that.
+the keep-masks are made. They are mergekit's `GeneralizedTaskArithmeticMerge.merge_group`, op for
+op, in the dtype it computes in: the inputs' (after the recipe's `dtype`), so bfloat16 and float16
+recipes do bfloat16/float16 arithmetic, the weights rounded to that dtype too, unless the recipe
+asks for `arithmetic: float32`. TIES as published elects the sign from the unweighted trimmed
+vectors and averages without weights: `sign_from: trimmed` with equal weights gives exactly that.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import ClassVar
 import torch
 
 from mergelab.methods import _sparsify
+from mergelab.methods._common import compute_dtype
 from mergelab.methods._select import TIE_BREAKS
 from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
@@ -78,19 +81,20 @@ class TaskArithmeticFamily(MergeMethod):
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         base = inputs.base
         assert base is not None
-        work = torch.float64 if base.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(inputs)  # mergekit's: the inputs' own, unless the recipe widens half precision
         b = base.reshape(-1)  # (n,), as stored
         if not inputs.tensors:
-            return b.to(work).reshape(base.shape)
+            return b.to(dtype).reshape(base.shape)
         xs = [x.reshape(-1) for x in inputs.tensors]
-        buffer = torch.empty(b.numel(), dtype=work, device=b.device) if self._needs_delta(inputs) else None
+        buffer = torch.empty(b.numel(), dtype=dtype, device=b.device) if self._needs_delta(inputs) else None
         sparse = [self._sparsify(inputs, i, xs[i], b, buffer) for i in range(len(xs))]
         del buffer
-        weights = [float(p["weight"]) for p in inputs.params]
-        out = torch.empty(b.numel(), dtype=inputs.out_dtype or work, device=b.device)
+        # (models, 1): rounded to the arithmetic dtype, as mergekit's weight tensor
+        weights = torch.tensor([float(p["weight"]) for p in inputs.params], dtype=dtype, device=b.device).unsqueeze(1)
+        out = torch.empty(b.numel(), dtype=inputs.out_dtype or dtype, device=b.device)
         for start in range(0, b.numel(), CHUNK):
             stop = min(start + CHUNK, b.numel())
-            out[start:stop] = self._combine(inputs.options, xs, sparse, weights, b[start:stop].to(work), start, stop)
+            out[start:stop] = self._combine(inputs.options, xs, sparse, weights, b[start:stop].to(dtype), start, stop)
         return out.reshape(base.shape)
 
     def _needs_delta(self, inputs: MergeInputs) -> bool:
@@ -103,7 +107,7 @@ class TaskArithmeticFamily(MergeMethod):
         if self.sparsify is None or density >= 1:
             return _sparsify.Sparse()
         assert buffer is not None
-        for start in range(0, b.numel(), CHUNK):  # |x - b| in float32, a cache-sized chunk at a time
+        for start in range(0, b.numel(), CHUNK):  # |x - b| in the arithmetic dtype, a cache-sized chunk at a time
             chunk = buffer[start : start + CHUNK]
             chunk.copy_(x[start : start + CHUNK]).sub_(b[start : start + CHUNK]).abs_()
         magnitude = buffer  # (n,) = |delta|; all the sparsifiers and norms need only magnitudes
@@ -125,41 +129,38 @@ class TaskArithmeticFamily(MergeMethod):
         mode = inputs.options["rescale_mode"] if inputs.options.get("rescale") else None
         return _sparsify.rescale(magnitude, sparse, mode, memo=memo)
 
-    # 3)-7) one chunk of the elementwise pass; `base` is the chunk of b in the work dtype
-    def _combine(self, opts: dict, xs: list[torch.Tensor], sparse: list[_sparsify.Sparse], weights: list[float],
+    # 3)-7) one chunk of the elementwise pass; `base` is the chunk of b in the arithmetic dtype
+    def _combine(self, opts: dict, xs: list[torch.Tensor], sparse: list[_sparsify.Sparse], weights: torch.Tensor,
                  base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        deltas = []  # trimmed task vectors d_i
-        for x, s in zip(xs, sparse):
-            d = torch.sub(x[start:stop], base)  # new tensor, promoted to the work dtype
-            if s.keep is not None:
-                d.mul_(s.keep[start:stop])
-            if isinstance(s.scale, torch.Tensor):
-                d.mul_(s.scale[start:stop])
-            elif s.scale != 1.0:
-                d.mul_(s.scale)
-            deltas.append(d)
-        weighted = [d * w for d, w in zip(deltas, weights)]
+        trimmed = torch.stack([_trimmed(x[start:stop], s, base, start, stop) for x, s in zip(xs, sparse)])  # (models, c)
+        deltas = trimmed * weights  # 3) e_i = w_i d_i
         if self.consensus:
-            votes = weighted if opts.get("sign_from", "weighted") == "weighted" else deltas
-            elect = votes[0].clone()
-            for v in votes[1:]:
-                elect += v
-            sign = torch.where(elect >= 0, 1.0, -1.0).to(base.dtype)  # majority sign, 0 counts as +
-            mixed = torch.zeros_like(base)
-            divisor = torch.zeros_like(base)
-            for e, w in zip(weighted, weights):
-                agree = (e * sign) > 0  # a zero entry never agrees
-                mixed += e * agree
-                divisor += agree * w
+            # 4) elect the sign of the sum (>= 0 counts as +); a zero entry never agrees
+            votes = deltas if opts.get("sign_from", "weighted") == "weighted" else trimmed
+            majority = (votes.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1  # (c,)
+            agree = deltas.sign() == majority  # (models, c)
+            # 5) disjoint sum, and the sum of the agreeing weights
+            mixed = (deltas * agree).sum(dim=0)
+            divisor = (weights * agree).sum(dim=0)
             divisor[divisor == 0] = 1
         else:
-            mixed = weighted[0].clone()
-            for e in weighted[1:]:
-                mixed += e
-            total = sum(weights)
-            divisor = total if abs(total) >= 1e-8 else 1.0
-        if opts["normalize"]:
+            mixed = deltas.sum(dim=0)
+            divisor = weights.sum(dim=0)  # (1,)
+            divisor[divisor.abs() < 1e-8] = 1
+        if opts["normalize"]:  # 6)
             mixed /= divisor
-        if opts["lambda"] != 1:
+        if opts["lambda"] != 1:  # 7)
             mixed *= opts["lambda"]
         return base + mixed
+
+
+def _trimmed(x: torch.Tensor, s: _sparsify.Sparse, base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """1)-2) one chunk of d = (x - b) * keep * scale, in `base`'s dtype (a new tensor)."""
+    d = torch.sub(x, base)
+    if s.keep is not None:
+        d.mul_(s.keep[start:stop])
+    if isinstance(s.scale, torch.Tensor):
+        d.mul_(s.scale[start:stop])
+    elif s.scale != 1.0:
+        d.mul_(s.scale)
+    return d

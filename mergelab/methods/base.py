@@ -77,6 +77,7 @@ class MergeInputs:
     in recipe order, as stored (any float dtype), on the compute device; `base` likewise.
     `params[i]` holds input i's per-model parameters; `options` the global ones.
     `cache` (a search's, see `_cache.py`) remembers what depends only on the sources between merges.
+    `float32_arithmetic`: the recipe's `arithmetic: float32` (widen half precision; see `_common.compute_dtype`).
     """
 
     name: str
@@ -88,6 +89,7 @@ class MergeInputs:
     out_dtype: torch.dtype | None = None  # methods that build the output chunk by chunk may write it in this dtype
     generator_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache: TensorCache | None = None
+    float32_arithmetic: bool = False
 
     def memo(self, index: int) -> Memo:
         """Input `index`'s memo in `cache`; without a cache `NO_MEMO` (computes every time)."""
@@ -132,9 +134,8 @@ class MergeMethod:
         return next((p for p in self.params if p.name == name), None)
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
-        """Return the merged tensor on the inputs' device, in the dtype the method computes in (float32,
-        float64 if the inputs are; the inputs' own dtype for methods that mirror a mergekit method that
-        does not upcast); the caller casts it to the output dtype."""
+        """Return the merged tensor on the inputs' device, in the dtype mergekit's method returns (for most
+        the inputs' dtype; see `_common.compute_dtype`); the caller casts it to the output dtype."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

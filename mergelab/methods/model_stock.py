@@ -9,13 +9,15 @@ w_1..w_N the fine-tunes and cos(theta) the mean pairwise cosine of the offsets w
     out = t * mean_i(w_i) + (1 - t) * w_0
 
 Where the denominator is ~0 (|.| < 1e-6) the base is kept. Needs a base and >= 2 fine-tunes.
+In the inputs' dtype, as mergekit 0.1.5 (bfloat16 arithmetic for a `dtype: bfloat16` recipe),
+unless `arithmetic: float32`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mergelab.methods._common import work_dtype
+from mergelab.methods._common import aligned
 from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
 
@@ -26,11 +28,9 @@ class ModelStock(MergeMethod):
     params = (Param("filter_wise", bool, "global", False, doc="one angle per row instead of per tensor"),)
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
-        assert inputs.base is not None
-        dtype = work_dtype(inputs.base)
-        shape = inputs.base.shape
-        w0 = inputs.base.to(dtype)
-        ws = [x.to(dtype) for x in inputs.tensors]
+        ws, w0 = aligned(inputs)
+        assert w0 is not None
+        shape = w0.shape
         if inputs.options["filter_wise"]:
             if w0.dim() == 1:
                 w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]

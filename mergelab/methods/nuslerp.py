@@ -10,13 +10,16 @@ the last dim, or the slices x[:, j] along dim 0 with `nuslerp_row_wise: true` (m
     theta = arccos(clamp(<u_0, u_1>, -1, 1))
     out   = (sin((1-t) theta) v_0 + sin(t theta) v_1) / sin(theta)
     out   = (1-t) v_0 + t v_1   where 1 - cos^2(theta) <= 1e-16 (colinear)
+
+in the inputs' dtype, as mergekit 0.1.5 (bfloat16 arithmetic for a `dtype: bfloat16` recipe),
+unless `arithmetic: float32`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mergelab.methods._common import work_dtype
+from mergelab.methods._common import aligned
 from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
 EPS = 1e-8
@@ -53,13 +56,11 @@ class Nuslerp(MergeMethod):
     )
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
-        dtype = work_dtype(inputs.tensors[0])
-        x0, x1 = (x.to(dtype) for x in inputs.tensors)
+        (x0, x1), b = aligned(inputs)
         w0, w1 = (float(p["weight"]) for p in inputs.params)
         t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
         dim = 0 if inputs.options["nuslerp_row_wise"] else -1
         flatten = inputs.options["nuslerp_flatten"]
-        if inputs.base is None:
+        if b is None:
             return nuslerp(t, x0, x1, dim=dim, flatten=flatten)
-        b = inputs.base.to(dtype)
         return b + nuslerp(t, x0 - b, x1 - b, dim=dim, flatten=flatten)

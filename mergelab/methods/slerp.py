@@ -1,39 +1,66 @@
 """SLERP: spherical linear interpolation between the base model (t = 0) and one other (t = 1).
 
-Source: Shoemake, Animating rotation with quaternion curves (1985); as used by mergekit.
-Each tensor is treated as one vector; with v0 = base, v1 = other, both normalised for the angle:
+Source: Shoemake, Animating rotation with quaternion curves (1985); as in mergekit 0.1.5's
+`slerp`, op for op. Each tensor is one vector; with v0 = base, v1 = other:
 
-    theta = arccos(<v0/|v0|, v1/|v1|>)
+    |v|   = norm of the norms of 1M-element chunks of v   (1 where below 1e-8)
+    cos   = clamp(sum over chunks of <v0/|v0|, v1/|v1|>, -1, 1)
+    theta = arccos(cos)
     out   = sin((1-t) theta)/sin(theta) * v0 + sin(t theta)/sin(theta) * v1
 
-and plain linear interpolation (1-t) v0 + t v1 when |cos theta| > 0.9995 (nearly colinear).
-Norms below 1e-8 count as 1, as in mergekit.
+and plain linear interpolation (1-t) v0 + t v1 when |cos| > 0.9995 (nearly colinear). All of
+it in float32 tensors (float64 for float64 inputs), t included, whatever the inputs' dtype; the
+result is rounded to the inputs' dtype, as mergekit writes it, unless `arithmetic: float32`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from mergelab.methods._common import work_dtype
+from mergelab.methods._common import result_dtype, work_dtype
 from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
+CHUNK = 1 << 20  # mergekit's chunk: its norms and dot are sums over chunks of this many elements
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+def _chunks(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
+    """(start, a chunk, b chunk) over two (1, n) tensors, the chunks (1, c) in `dtype`."""
+    for start in range(0, a.shape[1], CHUNK):
+        yield start, a[:, start : start + CHUNK].to(dtype), b[:, start : start + CHUNK].to(dtype)
+
+
+def _norms(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 1) each: the norm of the chunks' norms; 1 where it is below EPS."""
+    parts = [(torch.linalg.vector_norm(x, dim=1, keepdim=True), torch.linalg.vector_norm(y, dim=1, keepdim=True))
+             for _, x, y in _chunks(a, b, dtype)]
+    norms = [torch.linalg.vector_norm(torch.stack(side), dim=0) for side in zip(*parts)]
+    return tuple(torch.where(n > EPS, n, 1) for n in norms)  # type: ignore[return-value]
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """SLERP of two same-shape tensors; the result in `out_dtype` (default: v0's dtype)."""
     dtype = work_dtype(v0)
-    a, b = v0.to(dtype), v1.to(dtype)
-    norm_a, norm_b = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
-    norm_a, norm_b = (norm_a if norm_a > EPS else 1.0), (norm_b if norm_b > EPS else 1.0)
-    dot = max(-1.0, min(1.0, float(torch.dot(a.reshape(-1), b.reshape(-1))) / (norm_a * norm_b)))
-    if abs(dot) > DOT_THRESHOLD:
-        return a * (1 - t) + b * t
-    theta = math.acos(dot)
-    s = math.sin(theta)
-    return a * (math.sin((1 - t) * theta) / s) + b * (math.sin(t * theta) / s)
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)  # (1, n)
+    tt = torch.tensor([[t]], dtype=dtype, device=a.device)  # (1, 1): t as mergekit holds it
+    result = torch.empty(a.shape, dtype=out_dtype or v0.dtype, device=a.device)
+    if a.shape[1] == 0:
+        return result.reshape(v0.shape)
+    # 1) the norms, and the cosine of the angle summed over chunks of the normalised vectors
+    norm_a, norm_b = _norms(a, b, dtype)
+    parts = [(x / norm_a * (y / norm_b)).sum(dim=1, keepdim=True) for _, x, y in _chunks(a, b, dtype)]
+    dot = torch.stack(parts).sum(dim=0).clamp(-1, 1)  # (1, 1)
+    # 2) the two coefficients (the linear ones when nearly colinear)
+    linear = dot.abs() > DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    # 3) the weighted sum, chunk by chunk, rounded into the result
+    for start, x, y in _chunks(a, b, dtype):
+        result[:, start : start + CHUNK] = coef_a * x + coef_b * y
+    return result.reshape(v0.shape)
 
 
 class Slerp(MergeMethod):
@@ -45,4 +72,5 @@ class Slerp(MergeMethod):
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         assert inputs.base is not None
-        return slerp(float(inputs.options["t"]), inputs.base, inputs.tensors[0])
+        base = inputs.base
+        return slerp(float(inputs.options["t"]), base, inputs.tensors[0], result_dtype(inputs, work_dtype(base)))

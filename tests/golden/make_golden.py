@@ -6,7 +6,7 @@ Run with the mergekit venv (this script must not import mergelab):
 
 It writes tiny random checkpoints (`inputs/<model>.safetensors`: Llama-shaped base, a, b, c
 and their bfloat16 roundings <model>_bf16, sharing `config.json`; T5-shaped t5_base, t5_a, t5_b sharing `config_t5.json`), one recipe per case
-(`cases/<case>.yaml`, `dtype: float32` unless the case sets one, model paths `models/<name>`
+(`cases/<case>.yaml`, `dtype: float32` unless the case sets one (None: no dtype), model paths `models/<name>`
 relative to the recipe) and mergekit's merged tensors (`cases/<case>.safetensors`), plus
 `manifest.json` with the mergekit version, each input's config file and each output's layer count.
 """
@@ -434,6 +434,18 @@ CASES["ties_rescale_bf16_inputs"] = {
                {"model": m("c_bf16"), "parameters": {"weight": 0.5, "density": 0.45}}],
     "parameters": {"rescale": True, "lambda": 1.2},
 }
+
+# `dtype: bfloat16` / `float16`: mergekit computes most methods in that dtype (linear and slerp in
+# float32, rounded to it); the default arithmetic must match it bit for bit
+CASES.update({f"{case}_bf16": variant(case, dtype="bfloat16") for case in (
+    "linear_sum", "task_arithmetic", "ties", "ties_sum_lambda", "ties_bool_gradient", "slerp_gradient", "slerp_filter",
+    "nuslerp_nobase", "nuslerp_base_rowwise", "nuslerp_base_colwise", "model_stock", "model_stock_filter_wise",
+    "breadcrumbs", "breadcrumbs_ties", "dare_ties_density1", "dare_linear_density1", "della_density1", "della_linear_density1")})
+CASES.update({f"{case}_fp16": variant(case, dtype="float16") for case in (
+    "linear_normalize", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp_gradient", "nuslerp_base_rowwise", "model_stock")})
+# no `dtype` over checkpoints stored in bfloat16: mergekit computes in the stored dtype
+CASES["ties_bf16_stored_no_dtype"] = variant("ties", "_bf16", dtype=None)
+CASES["slerp_bf16_stored_no_dtype"] = variant("slerp_gradient", "_bf16", dtype=None)
 
 
 def run_mergekit(recipe_path: Path, out: Path) -> None:
