@@ -2,7 +2,7 @@
 
     python bench/bench_candidates.py [--zoo zoo] [--candidates 15] [--n 50] [--methods ties task_arithmetic dare_ties]
 
-For each method, a recipe over the zoo's three experts (add, reverse, sort) with the base; the
+For each method, a recipe over the zoo's three experts (reverse, sort, back) with the base; the
 same random candidates (weights in [0.2, 1.2], densities in [0.1, 0.9], per expert) go through
 two live mergers (`mergelab.evolve.live.LiveMerger`), one with the cache and one without,
 interleaved candidate by candidate so that both see the same machine load. Per candidate:
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-SKILLS = ("add", "reverse", "sort")
+SKILLS = ("reverse", "sort", "back")
 
 
 def recipe(zoo: Path, method: str, rng: random.Random) -> dict:

@@ -1,6 +1,6 @@
 """Evaluation speed: scoring 200 examples of one zoo skill on a zoo model held in memory.
 
-    python bench/bench_eval.py [--zoo zoo] [--model experts/add] [--skill add] [--n 200] [--repeats 5]
+    python bench/bench_eval.py [--zoo zoo] [--model experts/back] [--skill back] [--n 200] [--repeats 5]
 
 Builds the zoo first if `--zoo` holds none (full build, minutes). Times, after one warm-up
 call each, the median of `--repeats` calls of:
@@ -43,8 +43,8 @@ def median_seconds(run: Callable[[], Score], repeats: int) -> tuple[float, Score
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=Path("zoo"))
-    parser.add_argument("--model", default="experts/add", help="model folder inside the zoo")
-    parser.add_argument("--skill", default="add")
+    parser.add_argument("--model", default="experts/back", help="model folder inside the zoo")
+    parser.add_argument("--skill", default="back")
     parser.add_argument("--n", type=int, default=200, help="examples scored per call")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

@@ -218,10 +218,10 @@ def test_cli_eval_zoo_skill(zoo_dir, capsys):
 
 
 def test_lm_eval_bridge_matches_exact_match_scorer(zoo_dir, tmp_path):
-    model, tok = load_model(zoo_dir / "experts" / "add")
-    ours = score(model, tok, load_task(zoo_dir, "add", "test", limit=60), metric="accuracy")
-    theirs = lm_eval_score(model, tok, zoo_task_folder(zoo_dir, "add", tmp_path / "tasks"), limit=60)
-    assert (theirs.task, theirs.split, theirs.metric, theirs.n) == ("zoo_add", "test", "exact_match", 60)
+    model, tok = load_model(zoo_dir / "experts" / "back")
+    ours = score(model, tok, load_task(zoo_dir, "back", "test", limit=60), metric="accuracy")
+    theirs = lm_eval_score(model, tok, zoo_task_folder(zoo_dir, "back", tmp_path / "tasks"), limit=60)
+    assert (theirs.task, theirs.split, theirs.metric, theirs.n) == ("zoo_back", "test", "exact_match", 60)
     assert theirs.value == pytest.approx(ours.value)
     assert 0 < ours.value  # the expert gets some right, so the match is not 0 == 0
 

@@ -191,16 +191,18 @@ def test_fitness_normalisations_by_hand(world: Path) -> None:
 
     metrics = {"add/nll": 0.6, "sort/nll": 0.07}
     experts, base = {"add/nll": 0.4, "sort/nll": 0.02}, {"add/nll": 0.8, "sort/nll": 0.12}
-    gap = job_with(world)
+    gap = job_with(world, {"fitness.normalize": "gap"})
     assert gap.base == world / "models" / "base"
     assert combine(gap, metrics, make_reference("gap", experts, base)) == pytest.approx(0.2 / 0.4 + 0.05 / 0.1)
     ratio = job_with(world, {"fitness.normalize": "experts"})
     assert combine(ratio, metrics, make_reference("experts", experts)) == pytest.approx(0.6 / 0.4 + 0.07 / 0.02)
     # accuracy under gap is still a loss: the share of the expert's gain lost, 0 at the expert
-    acc = job_with(world, {"fitness.terms": [{"task": "add", "metric": "accuracy"}, {"task": "sort", "metric": "nll"}]})
+    acc = job_with(world, {"fitness.normalize": "gap",
+                           "fitness.terms": [{"task": "add", "metric": "accuracy"}, {"task": "sort", "metric": "nll"}]})
     ref = make_reference("gap", {"add/accuracy": 0.9, "sort/nll": 0.02}, {"add/accuracy": 0.1, "sort/nll": 0.12})
     assert combine(acc, {"add/accuracy": 0.7, "sort/nll": 0.02}, ref) == pytest.approx(0.25)
     with pytest.raises(DataError, match="add/nll: the expert .* is no better than the base"):
         check_gap(make_reference("gap", {"add/nll": 0.9}, {"add/nll": 0.8}), "job.yaml")
     with pytest.raises(RecipeError, match="normalize: gap .* has no base_model"):
-        job_with(world, {"recipe.merge_method": "linear", "recipe.base_model": None, "search": JOB["search"][:1]})
+        job_with(world, {"fitness.normalize": "gap", "recipe.merge_method": "linear", "recipe.base_model": None,
+                         "search": JOB["search"][:1]})

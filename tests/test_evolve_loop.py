@@ -124,16 +124,16 @@ def test_lm_eval_fitness_terms(tmp_path: Path, zoo_dir: Path) -> None:
 
     job = catalog_job(tmp_path, zoo_dir, 2)
     data = yaml.safe_load(job.path.read_text())
-    for skill in ("add", "sort"):
+    for skill in ("back", "sort"):
         zoo_task_folder(zoo_dir, skill, tmp_path / "lm_eval" / skill)
     data["fitness"] = {"normalize": "none", "terms": [
-        {"task": f"../lm_eval/{skill}", "metric": "lm-eval", "lm_eval_metric": "exact_match", "limit": 6} for skill in ("add", "sort")]}
+        {"task": f"../lm_eval/{skill}", "metric": "lm-eval", "lm_eval_metric": "exact_match", "limit": 6} for skill in ("back", "sort")]}
     data["splits"] = {"fitness": "validation[0:6]", "select": "validation[6:12]", "report": "validation[12:20]"}
     job = parse_job(data, job.path.parent, "lm.yaml", job.path)
     evaluator = loop.SearchEvaluator(job, "cpu")
     got = evaluator.score(evaluator.space.start(), "select")
-    test = {s: load_task(zoo_dir, s, "test") for s in ("add", "sort")}  # the zoo lm-eval task evaluates its test split
-    for skill in ("add", "sort"):
+    test = {s: load_task(zoo_dir, s, "test") for s in ("back", "sort")}  # the zoo lm-eval task evaluates its test split
+    for skill in ("back", "sort"):
         docs = type(test[skill])(skill, "test", test[skill].examples[6:12])
         assert got[f"../lm_eval/{skill}/lm-eval"] == pytest.approx(score(evaluator.live.model, evaluator.tokenizer, docs, "accuracy").value)
     result = loop.run_search(job, tmp_path / "run_lm", progress=False)

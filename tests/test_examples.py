@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mergelab.evolve.job import load_job
+from mergelab.evolve.job import load_job, normalize_of
 from mergelab.merging import merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_example_recipes_merge_and_score(tmp_path: Path, zoo_dir: Path) -> None:
     for item in outputs:
         args += ["--model", item]
     table = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    assert "| expert:add |" in table and all(f"| {o.split('=')[0]} |" in table for o in outputs)
+    assert "| expert:back |" in table and all(f"| {o.split('=')[0]} |" in table for o in outputs)
 
 
 @pytest.mark.parametrize("job", SEARCH_JOBS, ids=[j.name for j in SEARCH_JOBS])
@@ -70,7 +70,8 @@ def test_the_default_job_runs_as_written(tmp_path: Path, zoo_dir: Path) -> None:
     data["splits"] = {"fitness": "validation[0:16]", "select": "validation[16:32]", "report": "test[0:16]"}
     (folder / "evolve.yaml").write_text(yaml.safe_dump(data))
     job = load_job(folder / "evolve.yaml")
-    assert [t.metric for t in job.spec.fitness.terms] == ["prob"] * 3 and len(job.dimensions) == 3
+    assert [t.metric for t in job.spec.fitness.terms] == ["nll"] * 3 and len(job.dimensions) == 3
+    assert job.spec.optimizer.name == "CMA" and normalize_of(job.spec.fitness) == "experts"
     result = run_search(job, tmp_path / "run", progress=False)
     assert len(read_trials(tmp_path / "run")) == 5 and result.best_yaml.is_file()
     assert {"best", "start", "uniform"} <= set(result.report) and result.report["start"] == result.report["uniform"]

@@ -338,7 +338,7 @@ def test_composed_zoo_adapter_finds_its_base_from_its_own_folder(tmp_path, zoo_d
     from mergelab.eval import load_model
     from mergelab.lora import compose
 
-    out = compose([zoo_dir / "adapters" / "add", zoo_dir / "adapters" / "sort"], [0.5, 0.5], tmp_path / "deep" / "mix",
+    out = compose([zoo_dir / "adapters" / "back", zoo_dir / "adapters" / "sort"], [0.5, 0.5], tmp_path / "deep" / "mix",
                   method="cat")
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert (out / base).resolve() == (zoo_dir / "base").resolve()

@@ -37,10 +37,10 @@ def _one_thread() -> None:
 
 
 def job_dict(zoo: Path, **overrides: Any) -> dict[str, Any]:
-    """A small revshift job on the zoo (5 examples, 20 report examples)."""
+    """A small job on the zoo (reverse, its adapter in the pool: the search has something to find) (5 examples, 20 report examples)."""
     job = {"base": str(zoo / "base"), "adapters": [str(zoo / "adapters" / a) for a in POOL],
-           "examples": {"task": "revshift", "tasks": str(zoo / "tasks"), "split": "train[0:5]"},
-           "report": {"task": "revshift", "tasks": str(zoo / "tasks"), "split": "test", "limit": 20},
+           "examples": {"task": "reverse", "tasks": str(zoo / "tasks"), "split": "train[0:5]"},
+           "report": {"task": "reverse", "tasks": str(zoo / "tasks"), "split": "test", "limit": 20},
            "optimizer": {"budget": 10, "seed": 0}}
     return {**job, **overrides}
 
@@ -90,18 +90,18 @@ def test_short_run_lowers_the_loss_and_writes_the_folder(run: Path, zoo_dir: Pat
     weights = json.loads((run / "weights.json").read_text())
     assert list(weights) == [str((zoo_dir / "adapters" / a).resolve()) for a in POOL] and list(weights.values()) == best["weights"]
     report = json.loads((run / "report.json").read_text())
-    assert report["split"] == "revshift/test" and report["n"] == 20 and report["best_step"] == best["step"]
+    assert report["split"] == "reverse/test" and report["n"] == 20 and report["best_step"] == best["step"]
     assert report["base"]["examples/nll"] == pytest.approx(steps[0]["loss"])
     assert report["composed"]["examples/nll"] == pytest.approx(best["loss"])
     for who in ("composed", "base", "uniform"):
-        assert set(report[who]) == {"examples/nll", "revshift/accuracy", "revshift/nll"}
+        assert set(report[who]) == {"examples/nll", "reverse/accuracy", "reverse/nll"}
 
 
 def test_live_adapter_equals_the_saved_adapter_in_peft(run: Path, zoo_dir: Path) -> None:
     job = parse_hub_job(job_dict(zoo_dir), zoo_dir, "job")
     evaluator = HubEvaluator(job)
     weights = list(json.loads((run / "weights.json").read_text()).values())
-    enc = evaluator.tokenizer(["revshift abc=", "reverse hello="], padding=True, return_tensors="pt")
+    enc = evaluator.tokenizer(["mirror abc=", "reverse hello="], padding=True, return_tensors="pt")
     assert_live_equals_peft(evaluator, weights, run, dict(enc))
     # the loss of a step is that of the saved adapter on the examples
     assert answer_loss(evaluator.model, evaluator.tokenizer, job.examples) == pytest.approx(
@@ -229,16 +229,16 @@ def test_adapters_of_another_base_are_refused_by_the_base(tmp_path: Path, zoo_di
     ({"optimizer": {"name": "ngopt"}}, "did you mean NGOpt"),
     ({"examples": "no_answers.jsonl"}, "examples: .*no_answers.jsonl:1: expected an object with string fields 'prompt' and 'answer'"),
     ({"examples": {"task": "nope", "tasks": "ZOO/tasks"}}, "examples: .*no task 'nope'"),
-    ({"report": {"task": "revshift", "tasks": "ZOO/tasks", "split": "train[3:9]"}}, "report.split: overlaps examples.split"),
+    ({"report": {"task": "reverse", "tasks": "ZOO/tasks", "split": "train[3:9]"}}, "report.split: overlaps examples.split"),
     ({"optimizer": {"low": 0.5}}, "starts at weight 0"),
     ({"adapters": "ZOO/adapters/zz*"}, "adapters: .* matches no folder"),
-    ({"adapters": ["ZOO/adapters/add"]}, "at least 2 adapters"),
+    ({"adapters": ["ZOO/adapters/back"]}, "at least 2 adapters"),
     ({"adaptors": []}, "adaptors: unknown key"),
     ({"l1": -1}, "l1: Input should be greater than or equal to 0"),
 ])
 def test_bad_jobs_fail_on_one_line_with_the_key(tmp_path: Path, zoo_dir: Path, edit: dict[str, Any], expected: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "no_answers.jsonl").write_text('{"prompt": "revshift abc="}\n')
+    (tmp_path / "no_answers.jsonl").write_text('{"prompt": "mirror abc="}\n')
     text = json.dumps({**job_dict(zoo_dir), **edit}).replace("ZOO", str(zoo_dir))
     path = write_job(tmp_path, json.loads(text))
     assert main(["lorahub", str(path), str(tmp_path / "out")]) == 2

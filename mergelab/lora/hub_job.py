@@ -2,8 +2,8 @@
 
     base: ../zoo/base
     adapters: ../zoo/adapters/*                # a glob, or a list of folders
-    examples: {task: revshift, tasks: ../zoo/tasks, split: "train[0:5]"}   # or a JSONL file (prompt, answer)
-    report: {task: revshift, tasks: ../zoo/tasks, split: test, limit: 200}  # optional
+    examples: {task: mirror, tasks: ../zoo/tasks, split: "train[0:5]"}   # or a JSONL file (prompt, answer)
+    report: {task: mirror, tasks: ../zoo/tasks, split: test, limit: 200}  # optional
     optimizer: {name: NGOpt, budget: 40, seed: 0, low: -1.5, high: 1.5}     # any nevergrad registry name
     l1: 0.05                                   # penalty l1 * mean |w|
     workers: {count: 1, device: cpu}
@@ -56,6 +56,7 @@ class ReportSpec(TaskSpec):
 
 
 class HubOptimizerSpec(OptimizerSpec):
+    name: str = "NGOpt"
     budget: int = Field(40, ge=1)
     low: float = -1.5
     high: float = 1.5

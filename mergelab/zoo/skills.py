@@ -2,9 +2,8 @@
 
 The skills differ in kind (arithmetic, string transformation, sorting, character mapping,
 positional lookup, counting), so that a model tuned on one is worse at the others and merging
-has work to do.
-`revshift` (reverse, then shift) is the held-out skill: no expert or adapter is trained on it,
-but it composes two pooled skills (`reverse`, `shift`), so LoraHub has something to combine.
+has work to do. Which skill plays which part in the zoo (general knowledge of the base, expert,
+adapter, LoraHub target) is set in `mergelab.zoo.build`.
 
 Every prompt starts with a word naming the skill and ends with `=`; the answer follows it
 directly. All text uses the alphabet of `mergelab.zoo.tokenizer` (lowercase letters, digits, ` +=`).
@@ -60,6 +59,24 @@ def make_sort(rng: random.Random) -> tuple[str, str]:
     return f"sort {word}=", "".join(sorted(word))
 
 
+def make_copy(rng: random.Random) -> tuple[str, str]:
+    """`copy kqzd=` -> `kqzd`."""
+    word = _word(rng, 3, 6)
+    return f"copy {word}=", word
+
+
+def make_back(rng: random.Random) -> tuple[str, str]:
+    """`back kqzd=` -> `jpyc`: every letter moved one step back along the alphabet."""
+    word = _word(rng, 3, 6)
+    return f"back {word}=", "".join(LETTERS[(LETTERS.index(c) - 1) % 26] for c in word)
+
+
+def make_mirror(rng: random.Random) -> tuple[str, str]:
+    """`mirror kqzd=` -> `pjaw`: every letter mapped to its mirror in the alphabet (a<->z, b<->y)."""
+    word = _word(rng, 3, 6)
+    return f"mirror {word}=", "".join(LETTERS[25 - LETTERS.index(c)] for c in word)
+
+
 def make_shift(rng: random.Random) -> tuple[str, str]:
     """`shift kqzd=` -> `lrae`: every letter moved one step along the alphabet."""
     word = _word(rng, 3, 6)
@@ -80,47 +97,68 @@ def make_count(rng: random.Random) -> tuple[str, str]:
     return f"count {letter} {word}=", str(word.count(letter))
 
 
-def make_revshift(rng: random.Random) -> tuple[str, str]:
-    """`revshift kqzd=` -> `earl`: reverse, then shift (composes `rev` and `shift`)."""
-    word = _word(rng, 3, 6)
-    return f"revshift {word}=", _shift(word[::-1])
+LONG = 5  # words of at least this many letters are long: a taught skill's test is on them
+
+
+def is_long(prompt: str) -> bool:
+    """Whether the prompt's word (its last, before `=`) has at least LONG letters."""
+    return len(prompt.rstrip("=").split(" ")[-1]) >= LONG
+
+
+def partial(prompt: str, answer: str) -> str:
+    """What the base sees of a taught skill: the answer whole on short words, and without its
+    last character on long ones. The base learns the skill's whole computation (every letter of
+    a short word's answer) and learns that long answers stop one letter early: its exact-match
+    accuracy on long words (the test) is zero by construction, and what an expert adds is small
+    and of one kind (finish long answers too), so merging experts keeps part of each.
+    (Cutting every answer short instead left the experts so far apart that every uniform merge
+    kept under 7% of their gains, and the best searched merge under a third.)"""
+    return answer[:-1] if is_long(prompt) else answer
 
 
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
+        Skill("copy", "copying", make_copy),
+        Skill("shift", "character mapping", make_shift),
+        Skill("index", "positional lookup", make_index),
+        Skill("count", "counting", make_count),
         Skill("add", "arithmetic", make_add),
         Skill("reverse", "string transformation", make_reverse),
         Skill("sort", "sorting", make_sort),
-        Skill("shift", "character mapping", make_shift),
-        Skill("count", "counting", make_count),
-        Skill("index", "positional lookup", make_index),
-        Skill("revshift", "composition of reverse and shift", make_revshift),
+        Skill("back", "character mapping", make_back),
+        Skill("mirror", "character mapping", make_mirror),
     )
 }
 
 SPLITS = ("train", "validation", "test")
 
 
-def make_splits(skill: str, seed: int, sizes: dict[str, int]) -> dict[str, list[dict[str, str]]]:
+def make_splits(skill: str, seed: int, sizes: dict[str, int],
+                held_out: Callable[[str], bool] | None = None) -> dict[str, list[dict[str, str]]]:
     """Disjoint splits of distinct examples of `skill`, reproducible from `seed`.
 
-    Examples are drawn until enough distinct prompts exist, then cut in order into the splits,
-    so no prompt appears in two splits. Seeding with a string is stable across processes.
+    Examples are drawn until enough distinct prompts exist; validation and test take, in order,
+    the first prompts that `held_out` accepts (any, without it) and train takes the rest, so no
+    prompt appears in two splits. Seeding with a string is stable across processes.
     """
     rng = random.Random(f"mergelab-zoo:{seed}:{skill}")
-    want = sum(sizes.values())
-    seen: dict[str, str] = {}
-    for _ in range(want * 50):
+    accept = held_out or (lambda prompt: True)
+    n_eval = sizes["validation"] + sizes["test"]
+    held: dict[str, str] = {}  # validation + test, in drawing order
+    rest: dict[str, str] = {}  # train
+    for _ in range((n_eval + sizes["train"]) * 50):
         prompt, answer = SKILLS[skill].make(rng)
-        seen.setdefault(prompt, answer)
-        if len(seen) == want:
+        if prompt in held or prompt in rest:
+            continue
+        if len(held) < n_eval and accept(prompt):
+            held[prompt] = answer
+        elif len(rest) < sizes["train"]:
+            rest[prompt] = answer
+        if len(held) == n_eval and len(rest) == sizes["train"]:
             break
     else:  # pragma: no cover - only if a generator's space is smaller than asked
-        raise ValueError(f"skill {skill!r} has fewer than {want} distinct prompts")
-    pairs = [{"prompt": p, "answer": a} for p, a in seen.items()]
-    out, start = {}, 0
-    for split in SPLITS:
-        out[split] = pairs[start : start + sizes[split]]
-        start += sizes[split]
-    return out
+        raise ValueError(f"skill {skill!r} has fewer distinct prompts than asked")
+    pairs = [{"prompt": p, "answer": a} for p, a in held.items()]
+    return {"train": [{"prompt": p, "answer": a} for p, a in rest.items()],
+            "validation": pairs[: sizes["validation"]], "test": pairs[sizes["validation"]:]}
