@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole merge flow on the built-in example, from a fresh machine:
 #   1) install mergelab into ./.venv (CPU torch first),
-#   2) build the tiny trained zoo (a base, three experts, LoRA adapters, task data; ~5 min on 2 cores),
+#   2) build the tiny trained zoo (a base, three experts, LoRA adapters, task data; ~7 min on 2 cores),
 #   3) merge its experts three ways (uniform linear, uniform task arithmetic, TIES),
 #   4) search a merge recipe by evolution (mergelab search) and merge the recipe it finds,
 #   5) score every model on every skill: what merging keeps and what it loses.

@@ -70,8 +70,8 @@ def test_the_default_job_runs_as_written(tmp_path: Path, zoo_dir: Path) -> None:
     data["splits"] = {"fitness": "validation[0:16]", "select": "validation[16:32]", "report": "test[0:16]"}
     (folder / "evolve.yaml").write_text(yaml.safe_dump(data))
     job = load_job(folder / "evolve.yaml")
-    assert [t.metric for t in job.spec.fitness.terms] == ["nll"] * 3 and len(job.dimensions) == 3
-    assert job.spec.optimizer.name == "CMA" and normalize_of(job.spec.fitness) == "experts"
+    assert [t.metric for t in job.spec.fitness.terms] == ["prob"] * 3 and len(job.dimensions) == 3
+    assert job.spec.optimizer.name == "NGOpt" and normalize_of(job.spec.fitness) == "gap"
     result = run_search(job, tmp_path / "run", progress=False)
     assert len(read_trials(tmp_path / "run")) == 5 and result.best_yaml.is_file()
     assert {"best", "start", "uniform"} <= set(result.report) and result.report["start"] == result.report["uniform"]

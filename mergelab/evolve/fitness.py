@@ -7,16 +7,16 @@ by a `Reference`, a (zero, one) pair per term: normalised = (value - zero) / (on
 
 | normalize | zero, one | normalised value |
 |---|---|---|
-| gap | expert's, base's | share of the expert's gain over the base that is lost: 0 = as good as the expert, 1 = no better than the base |
-| experts (default, several skills) | 0, expert's | value / expert's |
+| gap (default, several skills) | expert's, base's | share of the expert's gain over the base that is lost: 0 = as good as the expert, 1 = no better than the base |
+| experts | 0, expert's | value / expert's |
 | start | 0, start recipe's | value / start recipe's |
 | none | - | value |
 
 `gap` weighs every skill by how much of its expert's gain the merge keeps, whatever the
 skill's scale; `experts` divides by the expert's score, so a skill whose expert has a much
 smaller NLL than the others weighs more (on the earlier zoo: sort, expert NLL 0.03, against
-add's 0.40). On the zoo, plain CMA on expert-relative NLL found better merges than `gap` on
-`prob` or accuracy (README), so it is the default. The loss is
+add's 0.40). On one zoo build plain CMA on expert-relative NLL found better merges than NGOpt
+on `gap`-normalised `prob`, and on another far worse (README): the latter is the default. The loss is
 `sum(weight * normalised)`, negated when the goal is to maximise (raw or ratio accuracy).
 """
 

@@ -8,7 +8,7 @@
     methods: [ties, dare_ties]               # optional: the merge method is searched too
     fitness:
       tasks: ../zoo/tasks
-      normalize: experts                     # experts | gap | start | none
+      normalize: gap                         # gap | experts | start | none
       terms: [{task: back, metric: nll, weight: 1.0, limit: 64}, {task: sort, metric: prob},
               {task: ../lm_eval/my_task, metric: lm-eval, lm_eval_metric: exact_match, expert: ../zoo/experts/back}]
     optimizer: {name: ParametrizedCMA, budget: 64, seed: 0, options: {scale: 2.0}}   # nevergrad registry name or family
@@ -24,9 +24,10 @@ The short form names only the models and the skills; everything else takes the d
 
 It stands for a `task_arithmetic` template starting at the plain average (every weight 1/N),
 a search of each model's weight per group of layers (`DEFAULT_GROUPS`, in [0, `DEFAULT_HIGH`]),
-terms scored by answer NLL, each divided by its expert's (`normalize: experts`, with several
-skills), and CMA over 100 candidates: the setting that `bench/search_quality.py` measured best
-(README, "Does the default beat the hand-set merges?").
+terms scored by `prob` (the answer's probability: smooth like NLL, bounded like accuracy), each
+skill measured between its expert and the base (`normalize: gap`, with several skills), and
+NGOpt over 100 candidates: the most robust setting `bench/search_quality.py` measured (README,
+"Does the default beat the hand-set merges?").
 
 Everything is checked before anything runs; each error is one line naming the key path.
 """
@@ -75,7 +76,7 @@ class FitnessTerm(_Strict):
     `task` is an lm-eval task name or a local task folder, `lm_eval_metric` the metric it reports)."""
 
     task: str
-    metric: Literal["nll", "prob", "accuracy", "lm-eval"] = "nll"
+    metric: Literal["nll", "prob", "accuracy", "lm-eval"] = "prob"
     lm_eval_metric: str | None = None
     weight: float = 1.0
     limit: int | None = Field(None, ge=1)
@@ -95,7 +96,7 @@ class FitnessSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    name: str = "CMA"
+    name: str = "NGOpt"
     budget: int = Field(100, ge=1)
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict)  # the family's configuration (`evolve.optimizer`)
@@ -430,10 +431,10 @@ def goal_of(fit: FitnessSpec) -> Literal["minimize", "maximize"] | None:
 
 
 def normalize_of(fit: FitnessSpec) -> Literal["gap", "experts", "start", "none"]:
-    """The normalisation: as given, else each skill relative to its expert when there are several."""
+    """The normalisation: as given, else the gap to the experts when there are several skills."""
     if fit.normalize is not None:
         return fit.normalize
-    return "experts" if len({t.task for t in fit.terms}) > 1 else "none"
+    return "gap" if len({t.task for t in fit.terms}) > 1 else "none"
 
 
 def _experts(fit: FitnessSpec, template: Recipe, root: Path, label: str) -> tuple[Path | None, ...]:
