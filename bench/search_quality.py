@@ -23,7 +23,6 @@ beside the base's (zero-shot) and the uniform mix's, with the worst margin over 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import multiprocessing
 import statistics

@@ -86,10 +86,9 @@ class BuildPlan:
 # Eight layers, so that which layers run (data-flow search) has room to matter. The base's loss
 # is on the answers only: its prompts are random letters, and a loss on them spent most of the
 # training on noise (the base then copied 13% of words; 64% with the loss on answers, and the
-# experts' merges kept more of their gains). The experts
-# learn their skill's missing third in 400 steps at lr 2e-3 on every seed tried; at lr 1e-3 the
-# last stage of learning (exact match jumping from ~0.4 to ~1.0) came on some seeds and not on
-# others, a property that would flip between machines.
+# experts' merges kept more of their gains). The experts learn to finish their skill's long
+# answers in 400 steps at lr 2e-3 (0.74-1.0 on three builds); at lr 1e-3 that learning came on
+# some seeds and not on others, a property that would flip between machines.
 FULL = BuildPlan(
     arch=Arch(hidden_size=64, intermediate_size=192, num_hidden_layers=8, num_attention_heads=4),
     base=TrainSpec(steps=1000, lr=3e-3),
@@ -143,19 +142,20 @@ def build_zoo(
         log.info("reusing the complete zoo in %s", out)
         return out
     _check_replaceable(out, seed, reduced, overwrite)
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        log.info("removing the half-built %s", partial)
-        shutil.rmtree(partial)
+    building = out.with_name(out.name + ".partial")
+    if building.exists():
+        log.info("removing the half-built %s", building)
+        shutil.rmtree(building)
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     start = time.perf_counter()
-    manifest = _build_into(partial, seed, REDUCED if reduced else FULL, reduced, workers)
+    manifest = _build_into(building, seed, REDUCED if reduced else FULL, reduced, workers)
     manifest["build_seconds"] = round(time.perf_counter() - start, 1)
-    _write_manifest(partial, manifest)  # last: its presence marks the zoo complete
+    _write_manifest(building, manifest)  # last: its presence marks the zoo complete
     if out.exists():
         shutil.rmtree(out)
-    partial.rename(out)
+    building.rename(out)
     log.info("zoo built in %s (%.0f s)", out, manifest["build_seconds"])
+    report_misses(manifest.get("properties", {}), out)  # named by where the zoo now is
     return out
 
 
@@ -223,7 +223,6 @@ def _build_into(root: Path, seed: int, plan: BuildPlan, reduced: bool, workers: 
     # 4) what the demonstrations rest on, measured
     properties = measure(root, {s: root / "experts" / s for s in EXPERTS}, {s: root / "adapters" / s for s in ADAPTERS},
                          plan.targets, HELD_OUT)
-    report_misses(properties, root)
     return {
         "format": FORMAT,
         "seed": seed,
@@ -288,8 +287,9 @@ def train_member(job: MemberJob) -> tuple[str, float, float]:
 
 
 def base_mixture(data: dict[str, list[Example]], without: tuple[str, ...] = ()) -> list[Example]:
-    """What the base trains on: every GENERAL skill whole, every TAUGHT skill cut short
-    (`skills.partial`); the taught skills in `without` are left out."""
+    """What the base trains on: every GENERAL skill whole, every TAUGHT skill as `skills.partial`
+    gives it (whole on short words, a letter short on long ones); the taught skills in `without`
+    are left out."""
     whole = [e for skill in GENERAL for e in data[skill]]
     cut = [Example(e.prompt, partial(e.prompt, e.answer)) for skill in TAUGHT if skill not in without for e in data[skill]]
     return whole + cut
@@ -313,7 +313,7 @@ def _with_replay(tasks: Path, skill: str, replay: float) -> tuple[list[Example],
 def task_splits(skill: str, seed: int) -> dict[str, list[dict[str, str]]]:
     """A skill's splits in the zoo: a taught skill is validated and tested on long words only
     (what the base never saw whole), and trained on words of every length."""
-    return make_splits(skill, seed, SPLIT_SIZES, is_long if skill in TAUGHT else None)
+    return make_splits(skill, seed, SPLIT_SIZES, tested_on=is_long if skill in TAUGHT else None)
 
 
 def _write_tasks(tasks: Path, seed: int) -> dict[str, list[Example]]:

@@ -33,9 +33,9 @@ def _word(rng: random.Random, low: int, high: int, alphabet: str = LETTERS) -> s
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(low, high)))
 
 
-def _shift(word: str) -> str:
-    """Caesar shift by one: a->b, ..., z->a."""
-    return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in word)
+def _shift(word: str, by: int = 1) -> str:
+    """Caesar shift by `by` letters: by 1, a->b, ..., z->a."""
+    return "".join(LETTERS[(LETTERS.index(c) + by) % 26] for c in word)
 
 
 def make_add(rng: random.Random) -> tuple[str, str]:
@@ -68,7 +68,7 @@ def make_copy(rng: random.Random) -> tuple[str, str]:
 def make_back(rng: random.Random) -> tuple[str, str]:
     """`back kqzd=` -> `jpyc`: every letter moved one step back along the alphabet."""
     word = _word(rng, 3, 6)
-    return f"back {word}=", "".join(LETTERS[(LETTERS.index(c) - 1) % 26] for c in word)
+    return f"back {word}=", _shift(word, -1)
 
 
 def make_mirror(rng: random.Random) -> tuple[str, str]:
@@ -135,15 +135,15 @@ SPLITS = ("train", "validation", "test")
 
 
 def make_splits(skill: str, seed: int, sizes: dict[str, int],
-                held_out: Callable[[str], bool] | None = None) -> dict[str, list[dict[str, str]]]:
+                tested_on: Callable[[str], bool] | None = None) -> dict[str, list[dict[str, str]]]:
     """Disjoint splits of distinct examples of `skill`, reproducible from `seed`.
 
     Examples are drawn until enough distinct prompts exist; validation and test take, in order,
-    the first prompts that `held_out` accepts (any, without it) and train takes the rest, so no
+    the first prompts that `tested_on` accepts (any, without it) and train takes the rest, so no
     prompt appears in two splits. Seeding with a string is stable across processes.
     """
     rng = random.Random(f"mergelab-zoo:{seed}:{skill}")
-    accept = held_out or (lambda prompt: True)
+    accept = tested_on or (lambda prompt: True)
     n_eval = sizes["validation"] + sizes["test"]
     held: dict[str, str] = {}  # validation + test, in drawing order
     rest: dict[str, str] = {}  # train
