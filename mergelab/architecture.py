@@ -28,6 +28,9 @@ from typing import Iterable
 # lazy `.*?`: the outermost (first) stack word wins, so nested `block.N.layer.M` gives block N
 _LAYER_RE = re.compile(r"^(?P<prefix>.*?(?:^|\.)(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<suffix>.+)$")
 _PRE_MARKERS = ("embed", "wte", "wpe", "word_embeddings", "embed_in", "position_embeddings")
+# names of tensors indexed by token id (embeddings, LM heads, their biases); not position or token-type tables
+_VOCAB_MARKERS = ("embed", "wte", "lm_head", "shared", "output", "vocab", "predictions")
+_NOT_VOCAB_MARKERS = ("position", "wpe", "token_type")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
@@ -54,6 +57,14 @@ def parse_layer(name: str) -> LayerName | None:
 def is_pre_weight(name: str) -> bool:
     """Embeddings come before the stack; everything else outside it (norms, heads) after."""
     return any(marker in name for marker in _PRE_MARKERS)
+
+
+def is_vocab_weight(name: str, shape: tuple[int, ...], config: dict) -> bool:
+    """A tensor outside the layer stacks whose first axis is the model's vocabulary (config.json's
+    `vocab_size`): `model.embed_tokens.weight`, `lm_head.weight`, `transformer.wte.weight`, T5's `shared.weight`..."""
+    size = config.get("vocab_size")
+    return (parse_layer(name) is None and bool(shape) and shape[0] == size and any(m in name for m in _VOCAB_MARKERS)
+            and not any(m in name for m in _NOT_VOCAB_MARKERS))
 
 
 @dataclass(frozen=True)

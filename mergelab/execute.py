@@ -61,6 +61,8 @@ def merge_job(plan: Plan, job: TensorJob, tensors: dict[Source, torch.Tensor], d
     if not job.mergeable:
         return tensors[job.inputs[0]]
     on_device = {s: _prepare(t, device, plan.load_dtype) for s, t in tensors.items()}
+    if job.vocab is not None and plan.vocabulary is not None:  # embeddings/head rows in the output tokenizer's order
+        on_device = plan.vocabulary.align(job.vocab, on_device)
     inputs = MergeInputs(
         name=job.name,
         tensors=[on_device[s] for s in job.inputs],

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mergelab.execute import execute, resolve_device
+from mergelab.execute import DEFAULT_MEMORY, execute, resolve_device
 from mergelab.plan import Plan, make_plan
 from mergelab.recipe import Recipe, load_recipe
 from mergelab.writer import OutputFolder, ShardedWriter, parse_size
@@ -40,18 +40,21 @@ def merge(
     allow_pickle: bool = False,
     progress: bool = True,
     float32_arithmetic: bool = False,
+    memory: str | int | None = DEFAULT_MEMORY,
 ) -> Path:
     """Run a merge recipe (a YAML path, a dict, or a `Recipe`) and write the model to `out`.
 
     Everything is validated before the first tensor is read; the model is written into
     `out.partial/` and renamed to `out` when complete. Returns the output folder.
     `float32_arithmetic`: as the recipe key `arithmetic: float32` (and recorded in the written recipe).
+    `memory`: bytes (or '2GB') of tensors in flight; larger tensors are merged in blocks (see `execute`); None: no limit.
     """
     recipe = load_recipe(recipe)
     if float32_arithmetic:
         recipe = recipe.model_copy(update={"arithmetic": "float32"})
     folder = OutputFolder(out, overwrite)
     size = parse_size(shard_size)
+    budget = parse_size(memory, "--memory") if memory is not None else None
     resolve_device(device)
     plan = make_plan(recipe, allow_pickle=allow_pickle)
     chat_template = _chat_template(recipe)
@@ -59,7 +62,7 @@ def merge(
         partial = folder.create()
         writer = ShardedWriter(partial, [(j.name, j.shape, j.dtype) for j in plan.jobs], size)
         try:
-            execute(plan, writer, device=device, seed=seed, progress=progress)
+            execute(plan, writer, device=device, seed=seed, progress=progress, memory=budget)
             writer.close()
         finally:
             writer.abort()
@@ -89,10 +92,17 @@ def write_metadata(plan: Plan, folder: Path, *, seed: int, chat_template: str | 
     gen = plan.template.path / "generation_config.json"
     if gen.is_file():
         shutil.copyfile(gen, folder / gen.name)
-    for name in TOKENIZER_FILES:
-        src = plan.tokenizer_dir / name
-        if src.is_file():
-            shutil.copyfile(src, folder / name)
+    if plan.vocabulary is not None:  # a tokenizer built for the output (tokenizer_source / tokenizer:), saved as mergekit does
+        tokenizer = plan.vocabulary.tokenizer
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(str(folder))
+        chat_template = None
+    else:
+        for name in TOKENIZER_FILES:
+            src = plan.tokenizer_dir / name
+            if src.is_file():
+                shutil.copyfile(src, folder / name)
     if chat_template is not None:
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}

@@ -23,12 +23,14 @@ from typing import Any
 
 import torch
 
-from mergelab.architecture import LAYER_COUNT_KEYS, describe_stacks, find_stacks, is_pre_weight, layer_count_key
+from mergelab.architecture import (LAYER_COUNT_KEYS, describe_stacks, find_stacks, is_pre_weight, is_vocab_weight,
+                                   layer_count_key)
 from mergelab.checkpoint import Checkpoint, tensor_nbytes
 from mergelab.errors import CheckpointError, PlanError, RecipeError
 from mergelab.methods import MergeMethod, get_method
 from mergelab.methods.base import Param
 from mergelab.recipe import ModelRef, Recipe, Setting, evaluate, scalars
+from mergelab.vocabulary import VocabJob, Vocabulary, plan_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class TensorJob:
     params: tuple[dict[str, Any], ...]  # per input, resolved for this tensor
     options: dict[str, Any]  # global parameters, resolved for this tensor
     mergeable: bool = True  # False for integer buffers: copied from the first source
+    vocab: VocabJob | None = None  # a vocabulary tensor whose inputs are re-ordered to the output tokenizer first
 
     @property
     def sources(self) -> tuple[Source, ...]:
@@ -76,6 +79,7 @@ class Plan:
     tokenizer_dir: Path  # ... except the tokenizer, when `tokenizer_source` names a model
     load_dtype: torch.dtype | None = None  # inputs are rounded to the recipe's `dtype` first
     model_keys: dict[ModelRef, str] = field(default_factory=dict)  # model (+ adapter) -> its recipe key
+    vocabulary: Vocabulary | None = None  # the output tokenizer (`tokenizer_source` / `tokenizer:`), else None
 
     def close(self) -> None:
         for ckpt in self.checkpoints:
@@ -100,10 +104,12 @@ class _Slice:
     stack: str | None  # the prefix of the layer stack the sources' layer ranges index
 
 
-def make_plan(recipe: Recipe, *, allow_pickle: bool = False, opened: dict[ModelRef, Checkpoint] | None = None) -> Plan:
+def make_plan(recipe: Recipe, *, allow_pickle: bool = False, opened: dict[ModelRef, Checkpoint] | None = None,
+              vocabulary: Vocabulary | None = None) -> Plan:
     """Validate `recipe` against its method and its inputs; build every tensor job.
 
-    `opened`: checkpoints already open (headers read), reused instead of opening them again."""
+    `opened`: checkpoints already open (headers read), reused instead of opening them again;
+    `vocabulary`: the output tokenizer already built for the same models and tokenizer settings."""
     method = get_method(recipe.merge_method)
     _check_parameters(recipe, method)
     ckpts, keys = _open_checkpoints(recipe, allow_pickle, opened or {})
@@ -113,9 +119,14 @@ def make_plan(recipe: Recipe, *, allow_pickle: bool = False, opened: dict[ModelR
     slices = _normalise_slices(recipe, method, ckpts)
     template_ref = slices[0].base or slices[0].sources[0].path
     template = ckpts[template_ref]
-    builder = _JobBuilder(recipe, method, ckpts, index)
+    if vocabulary is None and recipe.tokenizer_spec is not None:
+        tokenizer_base = recipe.ref(recipe.base_model) if recipe.base_model else next(iter(ckpts))
+        vocabulary = plan_vocabulary(recipe, list(ckpts), {r: c.config for r, c in ckpts.items()}, keys, tokenizer_base)
+    builder = _JobBuilder(recipe, method, ckpts, index, vocabulary, keys)
     jobs = builder.build(slices, template_ref)
     config = _output_config(template, slices, recipe, ckpts)
+    if vocabulary is not None:  # as mergekit: the output's vocab_size is the tokenizer's (padded)
+        config["vocab_size"] = vocabulary.rows
     return Plan(
         recipe=recipe,
         method=method,
@@ -126,6 +137,7 @@ def make_plan(recipe: Recipe, *, allow_pickle: bool = False, opened: dict[ModelR
         tokenizer_dir=_tokenizer_dir(recipe, template),
         load_dtype=TORCH_DTYPES[recipe.dtype] if recipe.dtype else None,
         model_keys={p: k for p, k in keys.items()},
+        vocabulary=vocabulary,
     )
 
 
@@ -135,7 +147,8 @@ def replan(plan: Plan, recipe: Recipe) -> Plan:
 
     The search calls this once per candidate; closing the returned plan closes `plan`'s checkpoints."""
     opened = dict(zip(plan.model_keys, plan.checkpoints))
-    new = make_plan(recipe, opened=opened)
+    same_tokenizer = recipe.tokenizer_spec == plan.recipe.tokenizer_spec and recipe.base_model == plan.recipe.base_model
+    new = make_plan(recipe, opened=opened, vocabulary=plan.vocabulary if same_tokenizer else None)
     if len(new.checkpoints) != len(plan.checkpoints) or any(a is not b for a, b in zip(new.checkpoints, plan.checkpoints)):
         raise PlanError("the changed recipe names other models than the plan it replaces")
     return new
@@ -298,8 +311,11 @@ def _check_slice(s: _Slice, method: MergeMethod, ckpts: dict[ModelRef, Checkpoin
 
 # ---------------------------------------------------------------- jobs
 class _JobBuilder:
-    def __init__(self, recipe: Recipe, method: MergeMethod, ckpts: dict[ModelRef, Checkpoint], index: dict[ModelRef, int]) -> None:
+    def __init__(self, recipe: Recipe, method: MergeMethod, ckpts: dict[ModelRef, Checkpoint], index: dict[ModelRef, int],
+                 vocabulary: Vocabulary | None, keys: dict[ModelRef, str]) -> None:
         self.recipe, self.method, self.ckpts, self.index = recipe, method, ckpts, index
+        self.vocabulary = vocabulary
+        self.index_keys = {index[ref]: key for ref, key in keys.items()}
         self.out_dtype = TORCH_DTYPES.get(recipe.out_dtype or recipe.dtype or "")
         self.stacks = {p: find_stacks(c.tensors) for p, c in ckpts.items()}
 
@@ -342,11 +358,18 @@ class _JobBuilder:
             if name not in ckpt:
                 raise PlanError(f"{src.key}: tensor '{name}' is missing from {src.path}")
             infos.append(ckpt.info(name))
-        shapes = {i.shape for i in infos}
+        sources = [Source(self.index[src.path], name) for src, name in zip(s.sources, names)]
+        vocab = self._vocab_job(out_name, s, sources, infos)
+        shapes = {i.shape if vocab is None else i.shape[1:] for i in infos}
         if len(shapes) > 1:
             found = ", ".join(f"{src.key}: {list(i.shape)}" for src, i in zip(s.sources, infos))
-            raise PlanError(f"tensor '{out_name}': shapes differ between models ({found})")
-        sources = [Source(self.index[src.path], name) for src, name in zip(s.sources, names)]
+            hint = ""
+            if self.vocabulary is None and all(is_vocab_weight(name, i.shape, self.ckpts[src.path].config)
+                                               for src, name, i in zip(s.sources, names, infos)):
+                hint = ("; the models' vocabularies differ: set tokenizer_source (union, base or a model) or a tokenizer: block "
+                        "to align their rows by token")
+            raise PlanError(f"tensor '{out_name}': shapes differ between models ({found}){hint}")
+        shape = infos[0].shape if vocab is None else (self.vocabulary.rows, *infos[0].shape[1:])  # type: ignore[union-attr]
         floating = infos[0].dtype.is_floating_point
         dtype = self.out_dtype if (self.out_dtype and floating) else infos[0].dtype
         if not floating:  # integer buffers are not merged
@@ -357,8 +380,22 @@ class _JobBuilder:
         input_ids = [i for i in range(len(sources)) if i != base_i]
         params = tuple(self._model_params(s.sources[i], s, names[i], t) for i in input_ids)
         options = self._global_params(s, out_name, t)
-        return TensorJob(out_name, infos[0].shape, dtype, tuple(sources[i] for i in input_ids),
-                         sources[base_i] if base_i is not None else None, params, options)
+        return TensorJob(out_name, shape, dtype, tuple(sources[i] for i in input_ids),
+                         sources[base_i] if base_i is not None else None, params, options, vocab=vocab)
+
+    def _vocab_job(self, out_name: str, s: _Slice, sources: list[Source], infos: list) -> VocabJob | None:
+        """For a vocabulary tensor under an output tokenizer: its inputs to re-order by token (None if nothing moves)."""
+        if self.vocabulary is None or not all(is_vocab_weight(i.name, i.shape, self.ckpts[src.path].config)
+                                              for src, i in zip(s.sources, infos)):
+            return None
+        members = tuple(dict.fromkeys(sources))  # the slice's order, each input once (mergekit's)
+        rows = {src.model: i.shape[0] for src, i in zip(sources, infos)}
+        if self.vocabulary.is_identity([m.model for m in members], list(rows.values())):
+            return None
+        base = next((src for src, spec in zip(sources, s.sources) if spec.path == s.base), None)
+        job = VocabJob(members, base)
+        self.vocabulary.check(job, rows, out_name, self.index_keys)
+        return job
 
     def _resolve(self, p: Param, settings: list[dict[str, Setting]], tensor: str, t: float, who: str) -> Any:
         for scope in settings:
@@ -415,9 +452,11 @@ def _relayer(config: dict, template: Checkpoint, slices: list[_Slice], ckpts: di
 
 
 def _tokenizer_dir(recipe: Recipe, template: Checkpoint) -> Path:
-    if recipe.tokenizer_source in (None, "base"):
+    """The folder whose tokenizer files a merge without an output tokenizer copies (and a search evaluates with)."""
+    spec = recipe.tokenizer_spec
+    if spec is None or spec.source in ("base", "union"):
         return template.path
-    path = recipe.resolve(recipe.tokenizer_source)
+    path = recipe.resolve(spec.source)
     if not path.is_dir():
-        raise RecipeError(f"tokenizer_source: {path}: folder not found")
+        raise RecipeError(f"{'tokenizer.source' if recipe.tokenizer else 'tokenizer_source'}: {path}: folder not found")
     return path

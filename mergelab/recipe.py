@@ -25,6 +25,19 @@ vectors, weights, products, sums, norms and angles carry no intermediate half-pr
 in float32). Linear and slerp results are mergekit's either way unless `out_dtype` is wider than
 `dtype`; float32 and float64 recipes are unchanged.
 
+Models whose vocabularies differ (a chat model with added tokens next to its base) need an output
+tokenizer: `tokenizer_source: base | union | <model folder>`, or mergekit's block
+
+    tokenizer:
+      source: union                  # base | union (the default) | a model folder
+      tokens:                        # optional: where the row of a token comes from
+        <|im_start|>: {source: ../zoo/chat, force: true}     # that model's row, in every model
+        <tool>: {source: {kind: model_token, model: ../zoo/base, token: "</s>"}}
+        <pad>: {source: {kind: zero}}
+      pad_to_multiple_of: 64
+
+so that embeddings and LM heads are re-ordered by token before merging (`tokenizer.py`, `vocabulary.py`).
+
 A model may carry a LoRA adapter, applied to it tensor by tensor while merging (no merged copy
 on disk): `model: base+adapter` (mergekit's syntax) or an explicit `adapter:` key on a
 `models[]` entry or slice source. `base+adapter` is split on the LAST '+' only when the part
@@ -41,7 +54,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import RecipeError
 
@@ -102,6 +115,56 @@ class Slice(_Strict):
     parameters: dict[str, Setting] | None = None
 
 
+class ZeroToken(_Strict):
+    """A token's row is zeros."""
+
+    kind: Literal["zero"]
+
+
+class ModelToken(_Strict):
+    """A token's row is another token's row in one model: by text (`token`) or by row (`token_id`)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "ModelToken":
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class TokenSpec(_Strict):
+    """Where a token's row comes from in models that lack it (in every model with `force`)."""
+
+    source: Union[ZeroToken, ModelToken, str, None] = None  # a str is a model of the recipe
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _by_kind(cls, value: Any) -> Any:
+        """A mapping is read by its `kind` (so an error names that kind's keys, not every alternative's)."""
+        if not isinstance(value, dict):
+            return value
+        kinds: dict[str, type[_Strict]] = {"zero": ZeroToken, "model_token": ModelToken}
+        if value.get("kind") not in kinds:
+            raise ValueError(f"a mapping needs kind: zero or kind: model_token, got kind: {value.get('kind')!r}")
+        try:
+            return kinds[value["kind"]].model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(describe_validation_error(exc)) from None
+
+
+class TokenizerSpec(_Strict):
+    """mergekit's `tokenizer:` block: the output vocabulary and how rows of tokens a model lacks are made."""
+
+    source: str = "union"  # union | base | a model folder
+    tokens: dict[str, TokenSpec] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class Recipe(_Strict):
     """A validated recipe. `root` is the folder relative paths are resolved against."""
 
@@ -113,7 +176,8 @@ class Recipe(_Strict):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     arithmetic: Literal["mergekit", "float32"] | None = None  # None: mergekit's (see the module docstring)
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # union | base | a model folder (the `tokenizer:` block's `source` alone)
+    tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None
     name: str | None = None
     root: Path = Field(default_factory=Path.cwd, exclude=True)
@@ -130,6 +194,13 @@ class Recipe(_Strict):
         adapter = adapter if adapter is not None else plus
         return ModelRef(self.resolve(base), self.resolve(adapter) if adapter is not None else None)
 
+    @property
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """The output tokenizer asked for, by `tokenizer:` or `tokenizer_source:`; None: copy the template's files."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return TokenizerSpec(source=self.tokenizer_source) if self.tokenizer_source is not None else None
+
     def to_yaml(self, *, absolute_paths: bool = False) -> str:
         data = self.model_dump(mode="json", exclude_none=True, exclude={"root"})
         if absolute_paths:
@@ -143,6 +214,14 @@ def _map_paths(data: dict, fn: Any) -> dict:
     for key in ("base_model", "tokenizer_source"):
         if key in data and not (key == "tokenizer_source" and data[key] in ("base", "union")):
             data[key] = fn(data[key])
+    tokenizer = data.get("tokenizer") or {}
+    if tokenizer.get("source", "union") not in ("base", "union"):
+        tokenizer["source"] = fn(tokenizer["source"])
+    for spec in (tokenizer.get("tokens") or {}).values():
+        if isinstance(spec.get("source"), str):
+            spec["source"] = fn(spec["source"])
+        elif isinstance(spec.get("source"), dict) and "model" in spec["source"]:
+            spec["source"]["model"] = fn(spec["source"]["model"])
     entries = list(data.get("models") or [])
     for s in data.get("slices") or []:
         if s.get("base_model"):
@@ -200,8 +279,6 @@ def read_yaml_mapping(path: Path, kind: str, shape: str) -> dict:
 
 def parse_recipe(data: dict, root: Path, label: str) -> Recipe:
     """Validate the schema (keys, types); `label` names the recipe in errors."""
-    if "tokenizer" in data:
-        raise RecipeError(f"{label}: tokenizer: the tokenizer block is not supported yet; use tokenizer_source: base or a model path")
     try:
         recipe = Recipe.model_validate({**data, "root": root})
     except ValidationError as exc:
@@ -232,6 +309,8 @@ def describe_validation_error(exc: ValidationError, top_keys: tuple[str, ...] = 
         msg = "required key is missing"
     elif err["type"] == "literal_error":
         msg = f"must be one of {err['ctx']['expected']}"
+    elif err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")  # our validators' own messages
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -240,8 +319,8 @@ def _check_structure(recipe: Recipe, label: str) -> None:
         raise RecipeError(f"{label}: give exactly one of 'models' or 'slices'")
     if recipe.models is not None and not recipe.models and not recipe.base_model:
         raise RecipeError(f"{label}: models: the list is empty")
-    if recipe.tokenizer_source == "union":
-        raise RecipeError(f"{label}: tokenizer_source: 'union' (merged vocabularies) is not supported yet; use 'base' or a model path")
+    if recipe.tokenizer_source is not None and recipe.tokenizer is not None:
+        raise RecipeError(f"{label}: tokenizer_source: give either 'tokenizer_source' or a 'tokenizer' block (its 'source'), not both")
     for key, value in _iter_settings(recipe):
         _check_finite(value, f"{label}: {key}")
 
