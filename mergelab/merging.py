@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mergelab.execute import DEFAULT_MEMORY, execute, resolve_device
+from mergelab.execute import execute, resolve_device
 from mergelab.plan import Plan, make_plan
 from mergelab.recipe import Recipe, load_recipe
 from mergelab.writer import OutputFolder, ShardedWriter, parse_size
@@ -40,21 +40,18 @@ def merge(
     allow_pickle: bool = False,
     progress: bool = True,
     float32_arithmetic: bool = False,
-    memory: str | int | None = DEFAULT_MEMORY,
 ) -> Path:
     """Run a merge recipe (a YAML path, a dict, or a `Recipe`) and write the model to `out`.
 
     Everything is validated before the first tensor is read; the model is written into
     `out.partial/` and renamed to `out` when complete. Returns the output folder.
     `float32_arithmetic`: as the recipe key `arithmetic: float32` (and recorded in the written recipe).
-    `memory`: bytes (or '2GB') of tensors in flight; larger tensors are merged in blocks (see `execute`); None: no limit.
     """
     recipe = load_recipe(recipe)
     if float32_arithmetic:
         recipe = recipe.model_copy(update={"arithmetic": "float32"})
     folder = OutputFolder(out, overwrite)
     size = parse_size(shard_size)
-    budget = parse_size(memory, "--memory") if memory is not None else None
     resolve_device(device)
     plan = make_plan(recipe, allow_pickle=allow_pickle)
     chat_template = _chat_template(recipe)
@@ -62,7 +59,7 @@ def merge(
         partial = folder.create()
         writer = ShardedWriter(partial, [(j.name, j.shape, j.dtype) for j in plan.jobs], size)
         try:
-            execute(plan, writer, device=device, seed=seed, progress=progress, memory=budget)
+            execute(plan, writer, device=device, seed=seed, progress=progress)
             writer.close()
         finally:
             writer.abort()
