@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from mergelab.cli_mergekit import add_mergekit_flags, apply_mergekit_flags
 from mergelab.errors import MergelabError
 
 log = logging.getLogger("mergelab")
@@ -30,12 +31,14 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--float32-arithmetic", action="store_true",
                    help="compute bfloat16/float16 merges in float32 and round once at the output (the recipe key "
                         "'arithmetic: float32'); default: mergekit's arithmetic, bit for bit")
+    add_mergekit_flags(p)
     p.set_defaults(func=_run_merge)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
     from mergelab.merging import merge
 
+    mergekit_options = apply_mergekit_flags(args)
     merge(
         args.recipe,
         args.out,
@@ -46,6 +49,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
         float32_arithmetic=args.float32_arithmetic,
+        **mergekit_options,
     )
     return 0
 

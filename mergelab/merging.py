@@ -40,12 +40,19 @@ def merge(
     allow_pickle: bool = False,
     progress: bool = True,
     float32_arithmetic: bool = False,
+    workers: int | None = None,
+    allow_crimes: bool = False,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
 ) -> Path:
     """Run a merge recipe (a YAML path, a dict, or a `Recipe`) and write the model to `out`.
 
     Everything is validated before the first tensor is read; the model is written into
     `out.partial/` and renamed to `out` when complete. Returns the output folder.
     `float32_arithmetic`: as the recipe key `arithmetic: float32` (and recorded in the written recipe).
+    `workers`: threads merging one tensor each (default: see `execute`); `allow_crimes`: merge models whose
+    config.json names different architectures; `copy_tokenizer`/`write_model_card`: False leaves out the template's
+    tokenizer files / README.md and mergekit_config.yml (mergekit-yaml's flags of those names).
     """
     recipe = load_recipe(recipe)
     if float32_arithmetic:
@@ -53,17 +60,18 @@ def merge(
     folder = OutputFolder(out, overwrite)
     size = parse_size(shard_size)
     resolve_device(device)
-    plan = make_plan(recipe, allow_pickle=allow_pickle)
+    plan = make_plan(recipe, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
     chat_template = _chat_template(recipe)
     try:
         partial = folder.create()
         writer = ShardedWriter(partial, [(j.name, j.shape, j.dtype) for j in plan.jobs], size)
         try:
-            execute(plan, writer, device=device, seed=seed, progress=progress)
+            execute(plan, writer, device=device, seed=seed, progress=progress, workers=workers)
             writer.close()
         finally:
             writer.abort()
-        write_metadata(plan, partial, seed=seed, chat_template=chat_template)
+        write_metadata(plan, partial, seed=seed, chat_template=chat_template, copy_tokenizer=copy_tokenizer,
+                       write_card=write_model_card)
         return folder.commit()
     except BaseException:
         folder.discard()
@@ -83,7 +91,8 @@ def _chat_template(recipe: Recipe) -> str | None:
     raise RecipeError(f"chat_template: unknown template name {value!r}; use 'chatml' or a Jinja template string")
 
 
-def write_metadata(plan: Plan, folder: Path, *, seed: int, chat_template: str | None) -> None:
+def write_metadata(plan: Plan, folder: Path, *, seed: int, chat_template: str | None, copy_tokenizer: bool = True,
+                   write_card: bool = True) -> None:
     """config.json, generation config, tokenizer files, the recipe and a model card."""
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
     gen = plan.template.path / "generation_config.json"
@@ -95,18 +104,19 @@ def write_metadata(plan: Plan, folder: Path, *, seed: int, chat_template: str | 
             tokenizer.chat_template = chat_template
         tokenizer.save_pretrained(str(folder))
         chat_template = None
-    else:
+    elif copy_tokenizer:
         for name in TOKENIZER_FILES:
             src = plan.tokenizer_dir / name
             if src.is_file():
                 shutil.copyfile(src, folder / name)
-    if chat_template is not None:
+    if chat_template is not None and copy_tokenizer:
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         cfg["chat_template"] = chat_template
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    (folder / RECIPE_FILE).write_text(plan.recipe.to_yaml(absolute_paths=True))
-    (folder / "README.md").write_text(model_card(plan, seed))
+    if write_card:
+        (folder / RECIPE_FILE).write_text(plan.recipe.to_yaml(absolute_paths=True))
+        (folder / "README.md").write_text(model_card(plan, seed))
 
 
 def model_card(plan: Plan, seed: int) -> str:

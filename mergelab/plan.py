@@ -105,17 +105,19 @@ class _Slice:
 
 
 def make_plan(recipe: Recipe, *, allow_pickle: bool = False, opened: dict[ModelRef, Checkpoint] | None = None,
-              vocabulary: Vocabulary | None = None) -> Plan:
+              vocabulary: Vocabulary | None = None, allow_crimes: bool = False) -> Plan:
     """Validate `recipe` against its method and its inputs; build every tensor job.
 
     `opened`: checkpoints already open (headers read), reused instead of opening them again;
-    `vocabulary`: the output tokenizer already built for the same models and tokenizer settings."""
+    `vocabulary`: the output tokenizer already built for the same models and tokenizer settings;
+    `allow_crimes`: merge models whose config.json names different architectures (mergekit's flag)."""
     method = get_method(recipe.merge_method)
     _check_parameters(recipe, method)
     ckpts, keys = _open_checkpoints(recipe, allow_pickle, opened or {})
     index = {path: i for i, path in enumerate(ckpts)}
     checkpoints = list(ckpts.values())
-    _check_architectures(ckpts, keys)
+    if not allow_crimes:
+        _check_architectures(ckpts, keys)
     slices = _normalise_slices(recipe, method, ckpts)
     template_ref = slices[0].base or slices[0].sources[0].path
     template = ckpts[template_ref]
@@ -233,7 +235,8 @@ def _check_architectures(ckpts: dict[ModelRef, Checkpoint], keys: dict[ModelRef,
     kinds = {(c.config.get("model_type"), tuple(c.config.get("architectures") or ())) for c in ckpts.values() if c.config}
     if len({k[0] for k in kinds}) > 1:
         found = ", ".join(f"{keys[ref]}={c.config.get('model_type')}" for ref, c in ckpts.items())
-        raise PlanError(f"models have different architectures ({found}); they cannot be merged tensor by tensor")
+        raise PlanError(f"models have different architectures ({found}); pass --allow-crimes to merge them anyway, "
+                        "tensor by tensor")
 
 
 # ---------------------------------------------------------------- slices
