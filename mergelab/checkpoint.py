@@ -48,6 +48,13 @@ PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Bytes of a dense tensor of this shape and dtype."""
     n = torch.empty((), dtype=dtype).element_size()
@@ -204,19 +211,31 @@ class Checkpoint:
         info = self.info(name)
         if info.offset < 0:
             return self._load_pickle(info.file)[name].clone()
-        out = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
-            self._pread_into(info, out)
-        return out.view(info.dtype).reshape(info.shape)
+        return self.read_range(name, 0, _numel(info.shape)).reshape(info.shape)
 
-    def _pread_into(self, info: TensorInfo, out: torch.Tensor) -> None:
+    def ranged(self, name: str) -> bool:
+        """Whether `read_range(name, ...)` reads only the bytes of the range (safetensors: yes; pickles: no)."""
+        return self.info(name).offset >= 0
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, as a new 1-D CPU tensor (only those bytes read)."""
+        info = self.info(name)
+        if info.offset < 0:
+            return self._load_pickle(info.file)[name].reshape(-1)[start:stop].clone()
+        size = info.nbytes // max(1, _numel(info.shape))
+        out = torch.empty((stop - start) * size, dtype=torch.uint8)
+        if out.numel():
+            self._pread_into(info, out, info.offset + start * size)
+        return out.view(info.dtype)
+
+    def _pread_into(self, info: TensorInfo, out: torch.Tensor, offset: int) -> None:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         view = memoryview(out.numpy())
-        done = 0
-        while done < info.nbytes:  # preadv may return short reads (2 GiB cap per call on Linux)
-            n = os.preadv(fd, [view[done:]], info.offset + done)
+        done, nbytes = 0, out.numel()
+        while done < nbytes:  # preadv may return short reads (2 GiB cap per call on Linux)
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
                 raise CheckpointError(f"{info.file}: unexpected end of file while reading '{info.name}'")
             done += n

@@ -26,6 +26,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the math: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0, help="seed for randomised methods (DARE, DELLA)")
     p.add_argument("--shard-size", default="5GB", help="max shard size, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--memory", default="1GB",
+                   help="memory for the tensors being merged, e.g. 1GB (default), 4GB, or 'none' for no limit; larger "
+                        "tensors are merged in blocks, with the same result (the process adds its runtime, ~0.4 GB on CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin checkpoints (loaded with weights_only=True)")
     p.add_argument("--float32-arithmetic", action="store_true",
@@ -50,6 +53,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         float32_arithmetic=args.float32_arithmetic,
         **mergekit_options,
+        memory=None if args.memory.lower() == "none" else args.memory,
     )
     return 0
 

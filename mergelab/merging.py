@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mergelab.execute import execute, resolve_device
+from mergelab.execute import DEFAULT_MEMORY, execute, resolve_device
 from mergelab.plan import Plan, make_plan
 from mergelab.recipe import Recipe, load_recipe
 from mergelab.writer import OutputFolder, ShardedWriter, parse_size
@@ -44,6 +44,7 @@ def merge(
     allow_crimes: bool = False,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
+    memory: str | int | None = DEFAULT_MEMORY,
 ) -> Path:
     """Run a merge recipe (a YAML path, a dict, or a `Recipe`) and write the model to `out`.
 
@@ -53,12 +54,14 @@ def merge(
     `workers`: threads merging one tensor each (default: see `execute`); `allow_crimes`: merge models whose
     config.json names different architectures; `copy_tokenizer`/`write_model_card`: False leaves out the template's
     tokenizer files / README.md and mergekit_config.yml (mergekit-yaml's flags of those names).
+    `memory`: bytes (or '2GB') of tensors in flight; larger tensors are merged in blocks (see `execute`); None: no limit.
     """
     recipe = load_recipe(recipe)
     if float32_arithmetic:
         recipe = recipe.model_copy(update={"arithmetic": "float32"})
     folder = OutputFolder(out, overwrite)
     size = parse_size(shard_size)
+    budget = parse_size(memory, "--memory") if memory is not None else None
     resolve_device(device)
     plan = make_plan(recipe, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
     chat_template = _chat_template(recipe)
@@ -66,7 +69,7 @@ def merge(
         partial = folder.create()
         writer = ShardedWriter(partial, [(j.name, j.shape, j.dtype) for j in plan.jobs], size)
         try:
-            execute(plan, writer, device=device, seed=seed, progress=progress, workers=workers)
+            execute(plan, writer, device=device, seed=seed, progress=progress, workers=workers, memory=budget)
             writer.close()
         finally:
             writer.abort()

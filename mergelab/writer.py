@@ -28,16 +28,16 @@ log = logging.getLogger(__name__)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000 (decimal units as in transformers; KiB/MiB/GiB binary)."""
+def parse_size(text: str | int, option: str = "--shard-size") -> int:
+    """'5GB' -> 5_000_000_000 (decimal units as in transformers; KiB/MiB/GiB binary); `option` names it in errors."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m[2].upper() not in _UNITS:
-        raise RecipeError(f"--shard-size: cannot read {text!r}; use e.g. 5GB, 500MB, 2GiB")
+        raise RecipeError(f"{option}: cannot read {text!r}; use e.g. 5GB, 500MB, 2GiB")
     size = int(float(m[1]) * _UNITS[m[2].upper()])
     if size <= 0:
-        raise RecipeError(f"--shard-size: must be positive, got {text!r}")
+        raise RecipeError(f"{option}: must be positive, got {text!r}")
     return size
 
 
@@ -73,22 +73,32 @@ class ShardedWriter:
         self.files = [SINGLE_FILE] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
         self._order = [(si, e) for si, shard in enumerate(self.shards) for e in shard]
         self._next = 0
+        self._done = 0  # bytes of the current tensor written so far
         self._fh: BinaryIO | None = None
         self._shard = -1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        entry = self._order[self._next][1]
+        if tuple(tensor.shape) != entry.shape:
+            raise AssertionError(f"tensor '{name}': got {tuple(tensor.shape)} {tensor.dtype}, planned {entry.shape} {entry.dtype}")
+        self.write_part(name, tensor)
+
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """Append the next elements of tensor `name` (in row-major order); a tensor may come in several parts."""
         si, entry = self._order[self._next]
         if name != entry.name:
             raise AssertionError(f"writer expected tensor '{entry.name}', got '{name}'")
-        if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
-            raise AssertionError(f"tensor '{name}': got {tuple(tensor.shape)} {tensor.dtype}, planned {entry.shape} {entry.dtype}")
+        data = part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8) if part.dtype == entry.dtype else None
+        if data is None or self._done + data.numel() > entry.nbytes:
+            raise AssertionError(f"tensor '{name}': a {part.dtype} part of {part.numel()} elements does not fit, planned {entry.shape} {entry.dtype}")
         if si != self._shard:
             self._open(si)
         assert self._fh is not None
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel():
             self._fh.write(memoryview(data.numpy()))
-        self._next += 1
+        self._done += data.numel()
+        if self._done == entry.nbytes:
+            self._next, self._done = self._next + 1, 0
 
     def _open(self, si: int) -> None:
         if self._fh is not None:

@@ -48,6 +48,18 @@ class AdaptedCheckpoint(Checkpoint):
             return _add(weight, lambda dtype: module.bias.to(dtype) * module.scale)  # type: ignore[union-attr]
         return weight
 
+    def ranged(self, name: str) -> bool:
+        return not self._changes(name) and self.base.ranged(name)
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor; a tensor the adapter changes is made whole first."""
+        if self._changes(name):
+            return self.read(name).reshape(-1)[start:stop].clone()
+        return self.base.read_range(name, start, stop)
+
+    def _changes(self, name: str) -> bool:
+        return name in self.adapter.full or name in self._updates or name in self._bias_updates
+
     def close(self) -> None:
         self.base.close()
 

@@ -30,6 +30,8 @@ A search asks for masks of the same magnitudes at many densities: it sorts once
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
@@ -148,3 +150,150 @@ def _positions(flat: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     mask[positions] = True
     return mask
+
+
+# ---------------------------------------------------------------- over blocks
+# A tensor too large to hold (`mergelab merge --memory`) is seen as blocks of flat elements, one
+# pass at a time. The same windows are found there exactly, in bounded memory, by radix selection
+# on the keys' bits (non-negative floats order as their bit patterns): one pass per 16 bits of the
+# key (two for float32) counts each 16-bit digit among the elements that share the digits found so
+# far, which gives the value at the rank and the counts below and equal to it; `position` ties take
+# one more pass. A window that needs mergekit's own sort (a cut inside a group of equal keys under
+# `tie_break: mergekit`, or a NaN) is found on the whole keys gathered from the blocks: 4 bytes per
+# element, and the sort's own 8 or more, the one case that is not bounded by the blocks.
+
+KeyBlocks = Callable[[], Iterator[list[torch.Tensor]]]  # one pass: each block's keys, one tensor per stream
+_DIGIT = 16
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+@dataclass(frozen=True)
+class Leading:
+    """The first m elements of the sort of a flat tensor, as a rule: those ahead of `value` in the order
+    (above it when descending), and those equal to it at positions below `cutoff`. `value` None: all
+    (cutoff > 0) or none."""
+
+    value: torch.Tensor | None
+    descending: bool
+    cutoff: int
+
+    def mask(self, keys: torch.Tensor, offset: int) -> torch.Tensor:
+        """The rule on `keys`, the flat elements [offset, offset + len) of the tensor."""
+        if self.value is None:
+            return torch.full_like(keys, self.cutoff > 0, dtype=torch.bool)
+        ahead = keys > self.value if self.descending else keys < self.value
+        if self.cutoff <= offset:
+            return ahead
+        equal = keys == self.value
+        equal[max(0, self.cutoff - offset):] = False
+        return ahead | equal
+
+
+@dataclass(frozen=True)
+class Window:
+    """Elements [lo, hi) of the sort of a flat tensor: `upper` (first hi) less `lower` (first lo), or a
+    mask of the whole tensor where only a sort could say."""
+
+    upper: Leading | None = None
+    lower: Leading | None = None
+    whole: torch.Tensor | None = None  # bool (n,)
+
+    def mask(self, keys: torch.Tensor, offset: int) -> torch.Tensor:
+        if self.whole is not None:
+            return self.whole[offset : offset + keys.numel()]
+        assert self.upper is not None
+        mask = self.upper.mask(keys, offset)
+        return mask & ~self.lower.mask(keys, offset) if self.lower is not None else mask
+
+
+def windows_over_blocks(blocks: KeyBlocks, n: int, windows: list[tuple[int, int, bool]], tie_break: str,
+                        on_sort: Callable[[int], None] | None = None) -> list[Window]:
+    """`rank_window_mask`/`top_k_mask` of each stream's keys as rules, found in passes over `blocks`.
+
+    `windows[i]`: (lo, hi, descending) for stream i, n elements each. `on_sort(i)` is called before the
+    keys of stream i are gathered whole for a sort."""
+    cuts = [(i, m, d) for i, (lo, hi, d) in enumerate(windows) for m in ((hi, lo) if lo > 0 else (hi,))]
+    leading = dict(zip(cuts, _leading_over_blocks(blocks, n, cuts, tie_break)))
+    out = []
+    for i, (lo, hi, d) in enumerate(windows):
+        upper, lower = leading[(i, hi, d)], leading.get((i, lo, d))
+        if upper is None or (lo > 0 and lower is None):
+            if on_sort is not None:
+                on_sort(i)
+            keys = torch.cat([ks[i] for ks in blocks()])
+            out.append(Window(whole=_window(keys, lo, hi, d, tie_break)))
+        else:
+            out.append(Window(upper, lower))
+    return out
+
+
+def _leading_over_blocks(blocks: KeyBlocks, n: int, cuts: list[tuple[int, int, bool]], tie_break: str) -> list[Leading | None]:
+    """`_leading` of stream i's first m elements, for each (i, m, descending) in `cuts`; None where only the sort can say."""
+    out: list[Leading | None] = [Leading(None, d, n if m >= n else 0) if m <= 0 or m >= n else None for _, m, d in cuts]
+    todo = [j for j, (_, m, _) in enumerate(cuts) if 0 < m < n]
+    ranks = [n - cuts[j][1] if cuts[j][2] else cuts[j][1] - 1 for j in todo]
+    found = _select_ranks(blocks, [cuts[j][0] for j in todo], ranks)
+    ties = []
+    for j, hit in zip(todo, found):
+        if hit is None:  # a NaN: a sort puts it at one end
+            continue
+        (i, m, d), (val, n_less, n_equal) = cuts[j], hit
+        take = m - (n - n_less - n_equal) if d else m - n_less
+        if take == n_equal:  # all the equal ones: no order among them needed
+            out[j] = Leading(val, d, n)
+        elif tie_break == "position":
+            ties.append((j, i, val, take))
+    for (j, i, val, take), cutoff in zip(ties, _cutoffs(blocks, [(i, val, take) for j, i, val, take in ties])):
+        out[j] = Leading(val, cuts[j][2], cutoff)
+    return out
+
+
+def _select_ranks(blocks: KeyBlocks, streams: list[int], ranks: list[int]) -> list[tuple[torch.Tensor, int, int] | None]:
+    """(value, count below, count equal) at ascending rank ranks[j] of stream streams[j]; None if a key is not finite."""
+    if not ranks:
+        return []
+    prefix, below, equal = [0] * len(ranks), [0] * len(ranks), [0] * len(ranks)
+    finite = [True] * len(ranks)
+    dtype, levels, level = torch.float32, 1, 0
+    while level < levels:  # one pass per 16-bit digit, the highest first
+        counts: list[torch.Tensor | None] = [None] * len(ranks)
+        for keys in blocks():
+            for j, i in enumerate(streams):
+                dtype = keys[i].dtype
+                bits = keys[i].view(_BITS[dtype])
+                levels = bits.element_size() * 8 // _DIGIT
+                shift = (levels - level - 1) * _DIGIT
+                if level == 0:
+                    finite[j] = finite[j] and bool(torch.isfinite(keys[i]).all())
+                else:
+                    bits = bits[(bits >> (shift + _DIGIT)) == prefix[j]]
+                digit = (bits >> shift).long() & 0xFFFF
+                hist = torch.bincount(digit, minlength=1 << _DIGIT)
+                counts[j] = hist if counts[j] is None else counts[j] + hist
+        for j in range(len(ranks)):
+            cum = counts[j].cumsum(0)  # type: ignore[union-attr]
+            d = int(torch.searchsorted(cum, ranks[j] - below[j], right=True))
+            below[j] += int(cum[d - 1]) if d > 0 else 0
+            equal[j] = int(counts[j][d])  # type: ignore[index]
+            prefix[j] = (prefix[j] << _DIGIT) | d
+        level += 1
+    values = [torch.tensor(p, dtype=_BITS[dtype]).view(dtype) for p in prefix]
+    return [(v, b, e) if f else None for v, b, e, f in zip(values, below, equal, finite)]
+
+
+def _cutoffs(blocks: KeyBlocks, wanted: list[tuple[int, torch.Tensor, int]]) -> list[int]:
+    """For each (stream, value, take): one past the position of the take-th element equal to value."""
+    left = [take for _, _, take in wanted]
+    cutoff = [0] * len(wanted)
+    offset = 0
+    for keys in blocks() if wanted else ():
+        for j, (i, val, _) in enumerate(wanted):
+            if left[j] > 0:
+                where = torch.nonzero(keys[i] == val).squeeze(1)[: left[j]]
+                left[j] -= where.numel()
+                if left[j] == 0:
+                    cutoff[j] = offset + int(where[-1]) + 1
+        offset += keys[0].numel()
+        if not any(left):
+            break
+    return cutoff

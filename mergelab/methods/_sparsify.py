@@ -40,37 +40,51 @@ class Sparse:
 
 def magnitude(mag: torch.Tensor, density: float, memo: Memo = NO_MEMO, tie_break: str = "mergekit") -> Sparse:
     """Keep the k = max(1, int(density * n)) entries of largest magnitude (equal ones: see `_select.py`)."""
-    if density >= 1:
+    window = magnitude_window(mag.numel(), density)
+    if window is None:
         return Sparse()
-    if density <= 0 or mag.numel() == 0:
+    if window[1] == 0:
         return Sparse(keep=torch.zeros_like(mag, dtype=torch.bool))
-    k = max(1, int(density * mag.numel()))
-    keys = _keys(mag)
-    return Sparse(keep=top_k_mask(keys, k, _ranks(keys, memo, True, tie_break), tie_break))
+    ranked = keys(mag)
+    return Sparse(keep=top_k_mask(ranked, window[1], _ranks(ranked, memo, True, tie_break), tie_break))
 
 
-def _keys(mag: torch.Tensor) -> torch.Tensor:
+def magnitude_window(n: int, density: float) -> tuple[int, int, bool] | None:
+    """What `magnitude` keeps of n entries: [lo, hi) of their sort, descending (True); None: all of them."""
+    if density >= 1:
+        return None
+    return 0, 0 if density <= 0 or n == 0 else max(1, int(density * n)), True
+
+
+def outliers_window(n: int, density: float, gamma: float) -> tuple[int, int, bool] | None:
+    """What `magnitude_outliers` keeps of n entries: [lo, hi) of their ascending sort (False); None: all."""
+    if density >= 1:
+        return None
+    target = int(density * n)
+    n_bottom = max(0, n - target - int(gamma * n))  # fewer outliers dropped when density demands it
+    return n_bottom, n_bottom + target, False
+
+
+def keys(mag: torch.Tensor) -> torch.Tensor:
     """What mergekit ranks: on CPU the magnitudes in float32 (its `w.float()`, for any dtype), elsewhere as they are."""
     return mag.float() if mag.device.type == "cpu" else mag
 
 
-def _ranks(keys: torch.Tensor, memo: Memo, descending: bool, tie_break: str) -> torch.Tensor | None:
+def _ranks(ranked: torch.Tensor, memo: Memo, descending: bool, tie_break: str) -> torch.Tensor | None:
     """With a cache, the keys' positions in their sort (one sort, remembered); without, None: select each time."""
     if not memo.active:
         return None
-    return memo(("ranks", descending, tie_break, keys.dtype), lambda: sorted_ranks(keys, descending, tie_break))
+    return memo(("ranks", descending, tie_break, ranked.dtype), lambda: sorted_ranks(ranked, descending, tie_break))
 
 
 def magnitude_outliers(mag: torch.Tensor, density: float, gamma: float, memo: Memo = NO_MEMO, tie_break: str = "mergekit") -> Sparse:
     """Drop the int(gamma * n) largest magnitudes and enough of the smallest to keep int(density * n)."""
-    if density >= 1:
+    window = outliers_window(mag.numel(), density, gamma)
+    if window is None:
         return Sparse()
-    n = mag.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bottom = max(0, n - target - n_top)  # fewer outliers dropped when density demands it
-    keys = _keys(mag)
-    return Sparse(keep=rank_window_mask(keys, n_bottom, n_bottom + target, _ranks(keys, memo, False, tie_break), tie_break))
+    lo, hi, _ = window
+    ranked = keys(mag)
+    return Sparse(keep=rank_window_mask(ranked, lo, hi, _ranks(ranked, memo, False, tie_break), tie_break))
 
 
 def _draws(shape: torch.Size, generator: torch.Generator, device: torch.device, memo: Memo) -> torch.Tensor:

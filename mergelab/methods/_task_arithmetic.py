@@ -25,15 +25,18 @@ vectors and averages without weights: `sign_from: trimmed` with equal weights gi
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
-from typing import ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
 from mergelab.methods import _sparsify
 from mergelab.methods._common import compute_dtype
-from mergelab.methods._select import TIE_BREAKS
+from mergelab.methods._select import TIE_BREAKS, Window, windows_over_blocks
 from mergelab.methods.base import MergeInputs, MergeMethod, Param
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # elements per step of the elementwise pass (~1 MB of float32)
 
@@ -87,7 +90,10 @@ class TaskArithmeticFamily(MergeMethod):
             return b.to(dtype).reshape(base.shape)
         xs = [x.reshape(-1) for x in inputs.tensors]
         buffer = torch.empty(b.numel(), dtype=dtype, device=b.device) if self._needs_delta(inputs) else None
-        sparse = [self._sparsify(inputs, i, xs[i], b, buffer) for i in range(len(xs))]
+        if inputs.stats is not None:  # a block of a larger tensor: the windows were found over all its blocks
+            sparse = [self._block_sparse(inputs, w, x, b, buffer) for w, x in zip(inputs.stats, xs)]
+        else:
+            sparse = [self._sparsify(inputs, i, xs[i], b, buffer) for i in range(len(xs))]
         del buffer
         # (models, 1): rounded to the arithmetic dtype, as mergekit's weight tensor
         weights = torch.tensor([float(p["weight"]) for p in inputs.params], dtype=dtype, device=b.device).unsqueeze(1)
@@ -100,6 +106,56 @@ class TaskArithmeticFamily(MergeMethod):
     def _needs_delta(self, inputs: MergeInputs) -> bool:
         return self.sparsify is not None and any(float(p.get("density", 1.0)) < 1 for p in inputs.params)
 
+    # ------------------------------------------------------------ in blocks of a larger tensor
+    def blockwise(self, params: list[dict[str, Any]], options: dict[str, Any]) -> bool:
+        """Element-wise past the sparsifier; of those, the magnitude windows are found over blocks exactly.
+        Not the random ones (their draws span the tensor) nor norm rescaling (a sum over the whole tensor
+        in mergekit's order)."""
+        if self.sparsify is None or all(float(p.get("density", 1.0)) >= 1 for p in params):
+            return True
+        norm_rescale = bool(options.get("rescale")) and options.get("rescale_mode") != "probability"
+        return self.sparsify in ("magnitude", "magnitude_outliers") and not norm_rescale
+
+    def block_stats(self, inputs: MergeInputs, blocks: Callable[[], Iterator[MergeInputs]], budget: int) -> Any:
+        """Per input, the `_select.Window` of kept magnitudes (None: all kept), found in passes over the blocks."""
+        if not self._needs_delta(inputs):
+            return None
+        n = inputs.whole
+        windows = [self._window(p, n) for p in inputs.params]
+        streams = [i for i, w in enumerate(windows) if w is not None]
+
+        def key_blocks() -> Iterator[list[torch.Tensor]]:
+            for block in blocks():
+                b = block.base.reshape(-1)  # type: ignore[union-attr]
+                dtype = compute_dtype(block)
+                yield [_sparsify.keys(_magnitudes(block.tensors[i].reshape(-1), b, torch.empty_like(b, dtype=dtype)))
+                       for i in streams]
+
+        def on_sort(j: int) -> None:
+            level = logging.WARNING if 16 * n > budget else logging.DEBUG
+            log.log(level, "tensor '%s': model %d's density cut splits equal magnitudes; tie_break mergekit sorts the whole "
+                    "tensor as mergekit does (~%.1f GB; --memory %.1f GB); tie_break: position stays within --memory",
+                    inputs.name, streams[j], 16 * n / 1e9, budget / 1e9)
+
+        found = windows_over_blocks(key_blocks, n, [windows[i] for i in streams], inputs.options["tie_break"], on_sort)
+        out: list[Window | None] = [None] * len(windows)
+        for i, window in zip(streams, found):
+            out[i] = window
+        return out
+
+    def _window(self, p: dict[str, Any], n: int) -> tuple[int, int, bool] | None:
+        density = float(p.get("density", 1.0))
+        if self.sparsify == "magnitude":
+            return _sparsify.magnitude_window(n, density)
+        return _sparsify.outliers_window(n, density, float(p["gamma"]))
+
+    def _block_sparse(self, inputs: MergeInputs, window: Window | None, x: torch.Tensor, b: torch.Tensor,
+                      buffer: torch.Tensor | None) -> _sparsify.Sparse:
+        if window is None:
+            return _sparsify.Sparse()
+        assert buffer is not None
+        return _sparsify.Sparse(window.mask(_sparsify.keys(_magnitudes(x, b, buffer)), inputs.offset), 1.0)
+
     # 1)-2) task vector magnitudes (full size, into a reused buffer), then sparsify
     def _sparsify(self, inputs: MergeInputs, i: int, x: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor | None) -> _sparsify.Sparse:
         p = inputs.params[i]
@@ -107,10 +163,7 @@ class TaskArithmeticFamily(MergeMethod):
         if self.sparsify is None or density >= 1:
             return _sparsify.Sparse()
         assert buffer is not None
-        for start in range(0, b.numel(), CHUNK):  # |x - b| in the arithmetic dtype, a cache-sized chunk at a time
-            chunk = buffer[start : start + CHUNK]
-            chunk.copy_(x[start : start + CHUNK]).sub_(b[start : start + CHUNK]).abs_()
-        magnitude = buffer  # (n,) = |delta|; all the sparsifiers and norms need only magnitudes
+        magnitude = _magnitudes(x, b, buffer)  # (n,) = |delta|; all the sparsifiers and norms need only magnitudes
         memo = inputs.memo(i)  # a search's cache: what follows from |delta| or the seed alone (_cache.py)
         if self.sparsify == "magnitude":
             sparse = _sparsify.magnitude(magnitude, density, memo, inputs.options["tie_break"])
@@ -152,6 +205,14 @@ class TaskArithmeticFamily(MergeMethod):
         if opts["lambda"] != 1:  # 7)
             mixed *= opts["lambda"]
         return base + mixed
+
+
+def _magnitudes(x: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """|x - b| into `buffer` (flat, in the arithmetic dtype), a cache-sized chunk at a time."""
+    for start in range(0, b.numel(), CHUNK):
+        chunk = buffer[start : start + CHUNK]
+        chunk.copy_(x[start : start + CHUNK]).sub_(b[start : start + CHUNK]).abs_()
+    return buffer
 
 
 def _trimmed(x: torch.Tensor, s: _sparsify.Sparse, base: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
 
@@ -90,6 +90,16 @@ class MergeInputs:
     generator_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache: TensorCache | None = None
     float32_arithmetic: bool = False
+    # a block of a larger tensor (see `MergeMethod.blockwise`): `tensors` and `base` are the flat elements
+    # [offset, offset + their numel) of tensors of `numel` elements; `stats` what `block_stats` found
+    offset: int = 0
+    numel: int | None = None
+    stats: Any = None
+
+    @property
+    def whole(self) -> int:
+        """Elements of the whole tensor (these inputs' own numel unless they are a block)."""
+        return self.numel if self.numel is not None else self.tensors[0].numel() if self.tensors else 0
 
     def memo(self, index: int) -> Memo:
         """Input `index`'s memo in `cache`; without a cache `NO_MEMO` (computes every time)."""
@@ -132,6 +142,20 @@ class MergeMethod:
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    elementwise: ClassVar[bool] = False
+    """True when each output element depends only on the inputs' elements at the same position."""
+
+    def blockwise(self, params: list[dict[str, Any]], options: dict[str, Any]) -> bool:
+        """Whether a large tensor may be merged in blocks of flat elements (bounded memory) with these
+        parameters: `merge` of a block, given `block_stats`, is that block of the whole merge, bit for bit."""
+        return self.elementwise
+
+    def block_stats(self, inputs: MergeInputs, blocks: Callable[[], Iterator[MergeInputs]], budget: int) -> Any:
+        """What the merge of one block needs to know of the whole tensor (a threshold, a norm), found in
+        passes over `blocks()` (each call one pass, in order); `inputs` has the parameters and no tensors.
+        `budget`: bytes a pass may hold. None for element-wise methods."""
+        return None
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         """Return the merged tensor on the inputs' device, in the dtype mergekit's method returns (for most

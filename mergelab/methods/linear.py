@@ -17,6 +17,7 @@ from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
 class Linear(MergeMethod):
     name = "linear"
+    elementwise = True
     base_policy = "input"
     params = (
         Param("weight", float, "model", doc="this model's weight"),

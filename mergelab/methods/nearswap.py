@@ -27,6 +27,7 @@ def nearswap(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class NearSwap(MergeMethod):
     name = "nearswap"
+    elementwise = True
     base_policy = "required"
     min_inputs = 1
     max_inputs = 1

@@ -13,6 +13,7 @@ from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
 class Passthrough(MergeMethod):
     name = "passthrough"
+    elementwise = True
     base_policy = "input"
     max_inputs = 1
     params = (Param("scale", float, "model", None, doc="multiply the tensor by this value"),)

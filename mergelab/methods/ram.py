@@ -55,6 +55,7 @@ def ram_merge(c: Changes, base: torch.Tensor, unique_scale: torch.Tensor | None 
 
 class Ram(MergeMethod):
     name = "ram"
+    elementwise = True
     base_policy = "required"
     params = (EPSILON,)
 

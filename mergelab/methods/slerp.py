@@ -15,6 +15,8 @@ result is rounded to the inputs' dtype, as mergekit writes it, unless `arithmeti
 
 from __future__ import annotations
 
+from typing import Any, Callable, Iterator
+
 import torch
 
 from mergelab.methods._common import result_dtype, work_dtype
@@ -31,32 +33,50 @@ def _chunks(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
         yield start, a[:, start : start + CHUNK].to(dtype), b[:, start : start + CHUNK].to(dtype)
 
 
-def _norms(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_parts(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each chunk's two norms, (1, 1) each."""
+    return [(torch.linalg.vector_norm(x, dim=1, keepdim=True), torch.linalg.vector_norm(y, dim=1, keepdim=True))
+            for _, x, y in _chunks(a, b, dtype)]
+
+
+def _norms(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, 1) each: the norm of the chunks' norms; 1 where it is below EPS."""
-    parts = [(torch.linalg.vector_norm(x, dim=1, keepdim=True), torch.linalg.vector_norm(y, dim=1, keepdim=True))
-             for _, x, y in _chunks(a, b, dtype)]
     norms = [torch.linalg.vector_norm(torch.stack(side), dim=0) for side in zip(*parts)]
     return tuple(torch.where(n > EPS, n, 1) for n in norms)  # type: ignore[return-value]
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """SLERP of two same-shape tensors; the result in `out_dtype` (default: v0's dtype)."""
-    dtype = work_dtype(v0)
-    a, b = v0.reshape(1, -1), v1.reshape(1, -1)  # (1, n)
-    tt = torch.tensor([[t]], dtype=dtype, device=a.device)  # (1, 1): t as mergekit holds it
-    result = torch.empty(a.shape, dtype=out_dtype or v0.dtype, device=a.device)
-    if a.shape[1] == 0:
-        return result.reshape(v0.shape)
-    # 1) the norms, and the cosine of the angle summed over chunks of the normalised vectors
-    norm_a, norm_b = _norms(a, b, dtype)
-    parts = [(x / norm_a * (y / norm_b)).sum(dim=1, keepdim=True) for _, x, y in _chunks(a, b, dtype)]
-    dot = torch.stack(parts).sum(dim=0).clamp(-1, 1)  # (1, 1)
-    # 2) the two coefficients (the linear ones when nearly colinear)
+def _dot_parts(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, norm_a: torch.Tensor, norm_b: torch.Tensor) -> list[torch.Tensor]:
+    """Each chunk's sum of the product of the normalised vectors, (1, 1)."""
+    return [(x / norm_a * (y / norm_b)).sum(dim=1, keepdim=True) for _, x, y in _chunks(a, b, dtype)]
+
+
+def _coefficients(t: float, dot_parts: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """2) the coefficients of v0 and v1 from the chunks' dot products (the linear ones when nearly colinear)."""
+    tt = torch.tensor([[t]], dtype=dtype, device=device)  # (1, 1): t as mergekit holds it
+    dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)  # (1, 1)
     linear = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    return coef_a, coef_b
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out_dtype: torch.dtype | None = None,
+          coefficients: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """SLERP of two same-shape tensors; the result in `out_dtype` (default: v0's dtype).
+
+    `coefficients`: those of the whole tensors, when v0 and v1 are a block of them (`Slerp.block_stats`)."""
+    dtype = work_dtype(v0)
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)  # (1, n)
+    result = torch.empty(a.shape, dtype=out_dtype or v0.dtype, device=a.device)
+    if a.shape[1] == 0:
+        return result.reshape(v0.shape)
+    if coefficients is None:
+        # 1) the norms, and the cosine of the angle summed over chunks of the normalised vectors; 2) coefficients
+        norm_a, norm_b = _norms(_norm_parts(a, b, dtype))
+        coefficients = _coefficients(t, _dot_parts(a, b, dtype, norm_a, norm_b), dtype, a.device)
+    coef_a, coef_b = coefficients
     # 3) the weighted sum, chunk by chunk, rounded into the result
     for start, x, y in _chunks(a, b, dtype):
         result[:, start : start + CHUNK] = coef_a * x + coef_b * y
@@ -73,4 +93,21 @@ class Slerp(MergeMethod):
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         assert inputs.base is not None
         base = inputs.base
-        return slerp(float(inputs.options["t"]), base, inputs.tensors[0], result_dtype(inputs, work_dtype(base)))
+        return slerp(float(inputs.options["t"]), base, inputs.tensors[0], result_dtype(inputs, work_dtype(base)), inputs.stats)
+
+    def blockwise(self, params: list[dict[str, Any]], options: dict[str, Any]) -> bool:
+        return True  # blocks are whole 1M-element chunks: the chunks' norms and dots are those of the whole tensor
+
+    def block_stats(self, inputs: MergeInputs, blocks: Callable[[], Iterator[MergeInputs]], budget: int) -> Any:
+        """The coefficients of the whole tensors, from two passes: the chunks' norms, then their dot products."""
+        def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.dtype]]:
+            for block in blocks():
+                assert block.base is not None
+                yield block.base.reshape(1, -1), block.tensors[0].reshape(1, -1), work_dtype(block.base)
+
+        parts = [part for a, b, dtype in pairs() for part in _norm_parts(a, b, dtype)]
+        if not parts:
+            return None
+        norm_a, norm_b = _norms(parts)
+        dots = [part for a, b, dtype in pairs() for part in _dot_parts(a, b, dtype, norm_a, norm_b)]
+        return _coefficients(float(inputs.options["t"]), dots, dots[0].dtype, dots[0].device)
