@@ -136,3 +136,28 @@ def test_written_recipe_reruns(workdir: Path) -> None:
     second = merge(workdir / "sub" / "rerun.yml", workdir / "sub" / "out", progress=False, overwrite=True)
     a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tied_embeddings(workdir: Path) -> None:
+    """Models without an LM head (tied to the embeddings): the one vocabulary tensor is re-ordered; the output loads."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    for name in ("base", "chat"):
+        src, dst = workdir / "models" / name, workdir / "tied" / name
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        tensors = load_file(str(src / "model.safetensors"))
+        del tensors["lm_head.weight"]
+        save_file(tensors, str(dst / "model.safetensors"))
+        config = json.loads((src / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tied = workdir / "tied"
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(tied / "base"), "tokenizer_source": "union",
+              "models": [{"model": str(tied / "chat"), "parameters": {"weight": 1.0}}]}
+    out = run(workdir, recipe, "tied")
+    merged = load_file(str(out / "model.safetensors"))
+    chat = load_file(str(tied / "chat" / "model.safetensors"))["model.embed_tokens.weight"]
+    assert "lm_head.weight" not in merged and merged["model.embed_tokens.weight"].shape == (35, 16)
+    torch.testing.assert_close(merged["model.embed_tokens.weight"], chat, rtol=0, atol=1e-7)  # base + (chat - base)
+    model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
