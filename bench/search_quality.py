@@ -16,7 +16,7 @@ default's worst-seed margin over the best hand-set merge and over the best exper
 wall time. Searches run in parallel processes (`--jobs`), each on one thread.
 
 LoraHub (`search/lorahub_mirror.yaml` as it is, on each zoo seed and `--draws` draws of its 5
-examples: `train[0:5]`, `train[5:10]`, ...): the composed adapter's test accuracy on the target
+examples: `validation[0:5]`, `[5:10]`, ...): the composed adapter's test accuracy on the target
 beside the base's (zero-shot) and the uniform mix's, with the worst margin over both.
 """
 
@@ -116,7 +116,7 @@ def run_lorahub_one(zoo: str, draw: int) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lorahub-quality-") as tmp:
         data = yaml.safe_load(LORAHUB_JOB.read_text())
-        data["examples"]["split"] = f"train[{5 * draw}:{5 * draw + 5}]"
+        data["examples"]["split"] = f"validation[{5 * draw}:{5 * draw + 5}]"
         path = _beside_zoo(Path(tmp), Path(zoo), data)
         result = run_lorahub(load_hub_job(path), Path(tmp) / "run", progress=False)
     acc = {who: next(v for k, v in m.items() if k.endswith("/accuracy")) for who, m in result.report.items()}
