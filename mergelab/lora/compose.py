@@ -21,8 +21,8 @@ sqrt(w_i s_i) on unit-scale adapters (tested).
 
 The SVD step (PEFT's, after kohya-ss's svd_merge_lora): Delta (out, in) = U S Vh,
 B = U[:, :R] diag(S[:R]), A = Vh[:R]; R = `rank`, default the largest input rank (as PEFT).
-The full-update rules reuse mergelab's merge methods (`methods/ties.py`, `dare_*.py`, steps in
-`methods/_task_arithmetic.py`) with the base set to zero, so their defaults are mergekit's
+The full-update rules reuse mergelab's merge methods (`ties`, `dare_*`: presets and steps in
+`methods/task_arithmetic.py`) with the base set to zero, so their defaults are mergekit's
 (TIES: sign elected from the weighted trimmed vectors, divided by the sum of agreeing weights;
 DARE: survivors rescaled to keep the L1 norm) and `options` passes their parameters
 (`sign_from`, `normalize`, `rescale_mode`, `lambda`, ...). PEFT's `ties_svd` elects the sign from
