@@ -20,6 +20,7 @@ import torch
 from mergelab.checkpoint import Checkpoint, TensorInfo
 from mergelab.errors import CheckpointError
 from mergelab.lora.adapter import LoraAdapter, LoraModule
+from mergelab.methods import work_dtype
 
 
 class AdaptedCheckpoint(Checkpoint):
@@ -68,7 +69,7 @@ class AdaptedCheckpoint(Checkpoint):
 
 
 def _add(weight: torch.Tensor, update: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
-    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    work = work_dtype(weight)
     return (weight.to(work) + update(work)).to(weight.dtype)
 
 

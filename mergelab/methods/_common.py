@@ -6,14 +6,15 @@ import torch
 
 from mergelab.methods.base import MergeInputs
 
-CHUNK = 1 << 18  # elements per step of element-wise passes (~1 MB of float32: stays in cache)
+CHUNK = 1 << 20  # elements per step of chunked passes (4 MB of float32): bounded temporaries, few Python steps
 
 
 HALF = (torch.bfloat16, torch.float16)
 
 
 def work_dtype(t: torch.Tensor) -> torch.dtype:
-    """float32, or float64 when the inputs already are: what mergekit's linear and slerp compute in."""
+    """float32, or float64 when the inputs already are: what mergekit's linear and slerp compute in,
+    and what a LoRA update is added to its weight in (`lora/apply.py`, as PEFT)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 

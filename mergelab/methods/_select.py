@@ -35,10 +35,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from mergelab.methods._common import CHUNK
+
 TIE_BREAKS = ("mergekit", "position")
 _SAMPLE = 1 << 16
 _SMALL = 1 << 17
-_CHUNK = 1 << 20
 
 
 def value_at_rank(v: torch.Tensor, r: int) -> tuple[torch.Tensor, int, int]:
@@ -58,8 +59,8 @@ def value_at_rank(v: torch.Tensor, r: int) -> tuple[torch.Tensor, int, int]:
     hi = sample[i_hi] if i_hi < m else None
     # 2) count below the bracket, gather inside it (cache-sized chunks)
     below, parts = 0, []
-    for start in range(0, n, _CHUNK):
-        chunk = v[start : start + _CHUNK]
+    for start in range(0, n, CHUNK):
+        chunk = v[start : start + CHUNK]
         inside_mask = chunk >= lo if lo is not None else torch.ones_like(chunk, dtype=torch.bool)
         below += chunk.numel() - int(torch.count_nonzero(inside_mask))
         if hi is not None:
@@ -132,8 +133,8 @@ def _leading(flat: torch.Tensor, m: int, descending: bool, tie_break: str) -> to
         return None
     # 3) `position`: those ahead of the value, and the first `take` equal to it
     mask = flat > val if descending else flat < val
-    for start in range(0, n, _CHUNK):  # scanning no further than needed
-        idx = torch.nonzero(flat[start : start + _CHUNK] == val).squeeze(1)[:take]
+    for start in range(0, n, CHUNK):  # scanning no further than needed
+        idx = torch.nonzero(flat[start : start + CHUNK] == val).squeeze(1)[:take]
         mask[start + idx] = True
         take -= idx.numel()
         if take == 0:

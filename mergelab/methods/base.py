@@ -1,7 +1,7 @@
 """The contract every merge method fulfils, and the registry that finds them by name.
 
-A method is one file in this package defining one subclass of `MergeMethod` with a `name`.
-Defining the class registers it; `get_method(name)` imports the package's modules on first use,
+A method is one file in this package defining one subclass of `MergeMethod` with a `name` (a family
+of presets, like `task_arithmetic.py`, defines one per row of its table). Defining the class registers it; `get_method(name)` imports the package's modules on first use,
 so adding a method never touches a list elsewhere.
 """
 

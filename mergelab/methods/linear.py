@@ -31,7 +31,7 @@ class Linear(MergeMethod):
         total = weights.sum() if inputs.options["normalize"] else None
         xs = [x.reshape(-1) for x in inputs.tensors]
         out = torch.empty(first.numel(), dtype=result_dtype(inputs, work), device=first.device)
-        for start in range(0, first.numel(), CHUNK):  # cache-sized chunks, accumulated in `work`
+        for start in range(0, first.numel(), CHUNK):  # chunk by chunk, accumulated in `work`
             stop = start + CHUNK
             acc = torch.zeros(xs[0][start:stop].shape, dtype=work, device=first.device)
             for x, w in zip(xs, weights):

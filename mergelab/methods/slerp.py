@@ -24,7 +24,7 @@ from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
-CHUNK = 1 << 20  # mergekit's chunk: its norms and dot are sums over chunks of this many elements
+CHUNK = 1 << 20  # mergekit's slerp chunk (not `_common.CHUNK`): its norms and dot are sums over chunks of this many elements
 
 
 def _chunks(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):

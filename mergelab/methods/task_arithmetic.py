@@ -33,13 +33,11 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 
 from mergelab.methods import _sparsify
-from mergelab.methods._common import compute_dtype
+from mergelab.methods._common import CHUNK, compute_dtype
 from mergelab.methods._select import TIE_BREAKS, Window, windows_over_blocks
 from mergelab.methods.base import MergeInputs, MergeMethod, Param
 
 log = logging.getLogger(__name__)
-
-CHUNK = 1 << 20  # elements per step of the elementwise pass (~1 MB of float32)
 
 WEIGHT = Param("weight", float, "model", doc="scale of this model's task vector")
 DENSITY = Param("density", float, "model", 1.0, 0.0, 1.0, doc="fraction of the task vector kept")
