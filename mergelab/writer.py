@@ -1,4 +1,4 @@
-"""Sinks for merged tensors: a streaming sharded safetensors writer, and an in-memory one.
+"""The sink for merged tensors on disk: a streaming sharded safetensors writer.
 
 The disk sink knows every output tensor's name, shape and dtype before the first one is
 computed (the plan has them), so it lays out the shards and their headers up front and then
@@ -132,16 +132,6 @@ class ShardedWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-
-
-class MemorySink:
-    """Keeps merged tensors in a dict (name -> tensor); the search writes them into a live model."""
-
-    def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.tensors[name] = tensor
 
 
 class OutputFolder:

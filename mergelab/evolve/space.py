@@ -1,4 +1,4 @@
-"""The search space: genome (nevergrad parametrization values) <-> recipe.
+"""The search space: genome (nevergrad parametrization values) -> recipe.
 
 A genome is a dict keyed like the recipe locations it fills (JSON-friendly, as logged):
 
@@ -25,7 +25,7 @@ Genome = dict[str, Any]
 
 
 class SearchSpace:
-    """Maps genomes of a job to complete recipes and back."""
+    """Maps genomes of a job to complete recipes."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
@@ -87,21 +87,6 @@ class SearchSpace:
                 continue  # a parameter of another candidate method
             _settings(data, d)[d.param.name] = _setting(d, genome[d.key])
         return parse_recipe(data, self.template.root, "candidate recipe")
-
-    def from_recipe(self, recipe: Recipe) -> Genome:
-        """The genome a recipe holds (dimensions its method does not take keep their start)."""
-        data = recipe.model_dump(mode="json", exclude_none=True, exclude={"root"})
-        genome: Genome = {}
-        for d in self.dimensions:
-            setting = _settings(data, d).get(d.param.name)
-            if setting is None:
-                genome[d.key] = d.start[0] if d.groups == 1 else list(d.start)
-            elif d.groups == 1:
-                genome[d.key] = setting
-            else:
-                genome[d.key] = list(setting)
-        genome[METHOD] = recipe.merge_method
-        return genome
 
 
 def takes(method: MergeMethod, name: str) -> bool:
