@@ -24,6 +24,7 @@ from mergelab.errors import MergelabError
 from mergelab.eval import load_tokenizer
 from mergelab.eval.data import write_jsonl
 from mergelab.lora.hub import HubEvaluator, answer_loss, load_base, run_lorahub
+from mergelab.lora.hub import _optimizer as hub_optimizer
 from mergelab.lora.hub_job import load_hub_job, parse_hub_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +96,24 @@ def test_short_run_lowers_the_loss_and_writes_the_folder(run: Path, zoo_dir: Pat
     assert report["composed"]["examples/nll"] == pytest.approx(best["loss"])
     for who in ("composed", "base", "uniform"):
         assert set(report[who]) == {"examples/nll", "reverse/accuracy", "reverse/nll"}
+
+
+def test_after_the_start_each_adapter_is_tried_alone_at_full_strength(run: Path) -> None:
+    """Steps 1..N are the single-adapter probes (`optimizer.singles`), each at `high`."""
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [s["weights"] for s in steps[1:4]] == [[1.5, 0.0, 0.0], [0.0, 1.5, 0.0], [0.0, 0.0, 1.5]]
+
+
+def test_without_singles_the_optimizer_takes_its_own_steps(zoo_dir: Path) -> None:
+    job = parse_hub_job(job_dict(zoo_dir, optimizer={"budget": 10, "seed": 0, "singles": False}), zoo_dir, "job")
+    optimizer = hub_optimizer(job, 1, 10)
+    asked = []
+    for _ in range(4):  # told one by one: some of NGOpt's choices wait for each tell before the next ask
+        candidate = optimizer.ask()
+        optimizer.tell(candidate, 1.0)
+        asked.append(list(candidate.value))
+    assert asked[0] == [0.0, 0.0, 0.0, 0.0, 0.0][: len(job.adapters)]
+    assert not any(sorted(a)[-1] == 1.5 and a.count(0.0) == len(a) - 1 for a in asked[1:])
 
 
 def test_live_adapter_equals_the_saved_adapter_in_peft(run: Path, zoo_dir: Path) -> None:

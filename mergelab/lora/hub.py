@@ -25,7 +25,12 @@ The flow (`run_lorahub`):
     3) ask/tell: a candidate's A and B are written into the live adapter's lora_A / lora_B in
        place (no reload, no re-wrapping) and CE is computed; one line per step in `steps.jsonl`.
        Step 0 is always w = 0 (suggested to the optimizer, as not every optimizer starts at its
-       init; those that do, such as NGOpt and OnePlusOne, ask it again at step 1)
+       init). Steps 1..N (`optimizer.singles`, on by default) are each adapter alone at `high`:
+       the loss is flat near w = 0 (an adapter's update grows with w_i^2) and a useful adapter
+       may act only past a threshold (on the zoo, `back` turns `mirror` on between 1.2 and 1.4),
+       so a search from 0 alone can settle in the basin of "a bit of everything" while one
+       adapter at full strength has a loss 100x lower; these N probes, out of the same budget,
+       give the optimizer a foothold in each single-adapter basin
     4) the best step's weights are composed into a PEFT adapter folder (`PeftModel.from_pretrained`
        loads it), `weights.json`, and `report.json`: the report split scored for the composed
        adapter, the base (w = 0) and the uniform composition (w_i = 1/N)
@@ -315,7 +320,8 @@ def _search(job: HubJob, pool: WorkerPool, run_dir: Path, count: int, budget: in
 
 
 def _optimizer(job: HubJob, count: int, budget: int) -> Any:
-    """The job's nevergrad optimizer over [low, high]^N, seeded; its first candidate is w = 0."""
+    """The job's nevergrad optimizer over [low, high]^N, seeded; its first candidate is w = 0,
+    then (with `singles`) each adapter alone at `high`."""
     import nevergrad as ng
     import numpy as np
 
@@ -323,7 +329,11 @@ def _optimizer(job: HubJob, count: int, budget: int) -> Any:
     space = ng.p.Array(init=np.zeros(n), lower=opt.low, upper=opt.high)
     space.random_state = np.random.RandomState(opt.seed)
     optimizer = make_optimizer(opt.name, opt.options, space, budget, count, str(job.path))
-    optimizer.suggest(np.zeros(n))
+    starts = [np.zeros(n)]
+    if opt.singles:  # each adapter alone at full strength: a foothold in every single-adapter basin
+        starts += [np.where(np.arange(n) == i, opt.high, 0.0) for i in range(n)]
+    for point in reversed(starts):  # nevergrad asks the last suggestion first
+        optimizer.suggest(point)
     return optimizer
 
 

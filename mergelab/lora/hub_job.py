@@ -60,6 +60,7 @@ class HubOptimizerSpec(OptimizerSpec):
     budget: int = Field(40, ge=1)
     low: float = -1.5
     high: float = 1.5
+    singles: bool = True  # after w = 0, try each adapter alone at `high` (N steps of the budget)
 
 
 class HubJobSpec(_Strict):
