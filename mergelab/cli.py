@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from mergelab.cli_extract import add_extract_lora
 from mergelab.cli_mergekit import add_mergekit_flags, apply_mergekit_flags
 from mergelab.errors import MergelabError
 
@@ -81,11 +82,13 @@ def _run_zoo_build(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- eval
 def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from mergelab.metrics import METRICS  # the registry (imports no model library)
+
     p = sub.add_parser("eval", help="score a model folder on a zoo skill, a JSONL file or an lm-eval task")
     p.add_argument("model", help="model folder (HF model, or PEFT adapter whose base it names)")
     p.add_argument("--task", required=True, help="zoo skill, JSONL file, lm-eval task name or local lm-eval task folder")
     p.add_argument("--split", default="test", help="split of a zoo skill (default test; lm-eval uses its task's split)")
-    p.add_argument("--metric", choices=("accuracy", "nll", "prob", "lm-eval"), default=None,
+    p.add_argument("--metric", choices=tuple(METRICS), default=None,
                    help="accuracy (default for zoo skills and files), nll, prob, or lm-eval (default for other tasks)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--zoo", default=None, help="zoo folder holding the task data (default: the zoo MODEL sits in)")
@@ -107,7 +110,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- lora compose, extract-lora
+# ---------------------------------------------------------------- lora compose (extract-lora: cli_extract.py)
 def _add_lora(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lora", help="LoRA adapter tools")
     group = p.add_subparsers(dest="lora_command", required=True)
@@ -156,28 +159,6 @@ def _option(text: str) -> tuple[str, object]:
     if not sep or not key:
         raise RecipeError(f"--option {text!r}: expected KEY=VALUE")
     return key, yaml.safe_load(value)
-
-
-def _add_extract_lora(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("extract-lora", help="a PEFT LoRA adapter from the SVD of FINETUNED - BASE")
-    p.add_argument("base", help="base model folder")
-    p.add_argument("finetuned", help="fine-tuned model folder (same architecture)")
-    p.add_argument("out", help="output adapter folder")
-    p.add_argument("--rank", type=int, required=True, help="adapter rank")
-    p.add_argument("--device", default="cpu", help="torch device for the SVDs (cpu, cuda, ...)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=_run_extract_lora)
-
-
-def _run_extract_lora(args: argparse.Namespace) -> int:
-    from mergelab.lora.extract import extract
-
-    errors = extract(args.base, args.finetuned, args.out, rank=args.rank, device=args.device,
-                     overwrite=args.overwrite, progress=not args.quiet)
-    worst = max(errors, key=lambda name: errors[name], default=None)
-    if worst is not None:
-        log.info("wrote %s: %d modules, worst relative error %.3e (%s)", args.out, len(errors), errors[worst], worst)
-    return 0
 
 
 # ---------------------------------------------------------------- search
@@ -243,7 +224,7 @@ def _run_lorahub(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_merge, _add_zoo, _add_eval, _add_lora, _add_extract_lora, _add_search, _add_lorahub)
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_merge, _add_zoo, _add_eval, _add_lora, add_extract_lora, _add_search, _add_lorahub)
 
 
 def build_parser() -> argparse.ArgumentParser:

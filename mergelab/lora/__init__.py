@@ -2,7 +2,7 @@
 
     from mergelab import lora
     lora.compose(["adapters/add", "adapters/sort"], [0.7, 0.3], "out/mix", method="svd", rank=8)
-    lora.extract("base", "finetuned", "out/adapter", rank=16)   # -> relative error per module
+    lora.extract("base", "finetuned", "out/adapter", rank=16)   # -> relative error per module (options: ExtractOptions)
 
 In recipes, `model: base+adapter` (or an `adapter:` key) applies an adapter while streaming
 (`apply.AdaptedCheckpoint`).

@@ -1,32 +1,39 @@
 """Extract a LoRA adapter from a fine-tune: the truncated SVD of (finetuned - base), per module.
 
-For every 2-D weight W of the decoder layers (attention and MLP projections):
+For every LoRA target (which modules: `extract_plan.py`), with W stored (out, in):
 
-    Delta = W_ft - W_base  (out, in)  =  U S Vh
-    B = U[:, :R] diag(S[:R])  (out, R),   A = Vh[:R]  (R, in),   scale 1 (lora_alpha = r)
+    Delta = W_ft - W_base  (out, in)  =  U S Vh                       (float32)
+    R = min(max_rank, #{k : S_k > sv_epsilon})                        (mergekit's --max-rank, --sv-epsilon)
+    A = sqrt(S_R) Vh_R  (R, in),   B = U_R sqrt(S_R)  (out, R)         (distribute_scale, the default)
+    A = S_R Vh_R,                  B = U_R                             (distribute_scale off)
+    lora_alpha = r per module, so PEFT's update is B @ A
 
-which is the best rank-R approximation of Delta in Frobenius norm (Eckart-Young); the relative
-error ||Delta - B A||_F / ||Delta||_F = sqrt(sum_{k>R} S_k^2 / sum_k S_k^2) is reported per module.
-The same construction as mergekit's `mergekit-extract-lora`. Tensors outside the layers
-(embeddings, head, norms) are not extracted; those that differ are named in a warning.
-GPT-2-style models store Conv1D weights as (in, out): the adapter gets `fan_in_fan_out: true`.
+which is the best rank-R approximation of Delta in Frobenius norm (Eckart-Young): the error
+||Delta - B A||_F = sqrt(sum_{k>R} S_k^2), and no entry is off by more than S_{R+1}. The
+error is measured on the stored factors and reported per module (relative to ||Delta||_F).
+The same construction, factor for factor, as mergekit 0.1.5's `mergekit-extract-lora`, which
+subtracts in the checkpoint dtype: over bfloat16 checkpoints mergelab subtracts in float32.
+Embedding tables (W (vocab, dim)) and GPT-2's Conv1D (W (in, out)) are decomposed transposed.
+A module with no singular value above `sv_epsilon` gets no factors. Changed biases of the
+targets travel as `lora_B.bias` (`lora_bias: true`) when every target has a bias; else they are
+named in a warning, with every other change the adapter does not carry.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mergelab.architecture import find_stack
 from mergelab.checkpoint import Checkpoint
-from mergelab.errors import CheckpointError, RecipeError
+from mergelab.errors import RecipeError
 from mergelab.execute import resolve_device
 from mergelab.lora.adapter import LoraAdapter, LoraModule, commit_adapter, unit_scale_config
-from mergelab.lora.compose import truncated_svd
+from mergelab.lora.extract_plan import ExtractionPlan, ExtractOptions, Kind, module_names, plan_extraction
 from mergelab.writer import OutputFolder
 
 log = logging.getLogger(__name__)
@@ -34,79 +41,110 @@ log = logging.getLogger(__name__)
 CONV1D_MODEL_TYPES = ("gpt2",)  # architectures whose projection weights are stored (in, out)
 
 
-def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out: str | os.PathLike[str], *, rank: int,
-            device: str = "cpu", overwrite: bool = False, progress: bool = True) -> dict[str, float]:
-    """Write a PEFT adapter of rank `rank` to `out`; returns the relative error per module."""
-    if rank < 1:
-        raise RecipeError(f"--rank: must be a positive integer, got {rank}")
+def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out: str | os.PathLike[str], *,
+            rank: int | None = None, options: ExtractOptions | None = None, device: str = "cpu",
+            overwrite: bool = False, progress: bool = True) -> dict[str, float]:
+    """Write a PEFT adapter to `out` (`rank` sets `options.max_rank`); returns the relative error per LoRA module."""
+    options = replace(options or ExtractOptions(), **({"max_rank": rank} if rank is not None else {}))
+    _check(options)
     folder = OutputFolder(out, overwrite)
     dev = resolve_device(device)
     b, ft = Checkpoint(base), Checkpoint(finetuned)
     try:
-        names = _targets(b, ft)
+        plan = plan_extraction(b, ft, options)
+        if not plan.lora and not plan.full:
+            raise RecipeError(f"{finetuned}: nothing to extract (no module differs from the base, or the include/exclude patterns leave none)")
         transposed = b.config.get("model_type") in CONV1D_MODEL_TYPES
-        modules: dict[str, LoraModule] = {}
-        errors: dict[str, float] = {}
-        for name in tqdm(names, unit="module", disable=not progress, desc="extracting"):
-            module, errors[module_name(name)] = _extract_one(b, ft, name, rank, transposed, dev)
-            modules[module.name] = module
-        _warn_untouched(b, ft, set(names))
+        modules, errors = _factorize(b, ft, plan, options, transposed, dev, progress)
+        full = {f"{m}.{p}": ft.read(f"{m}.{p}") for m in plan.full for p in _params(ft, m)}
+        adapter = LoraAdapter(None, _config(plan, modules, ft, options, transposed, Path(base)), modules, full)
     finally:
         b.close()
         ft.close()
-    adapter = LoraAdapter(None, _config(modules, rank, transposed, Path(base)), modules)
     commit_adapter(adapter, folder)
-    for name, err in errors.items():
-        log.info("%s: relative error %.3e", name, err)
-    log.info("rank %d: relative error mean %.3e, max %.3e over %d modules", rank,
-             sum(errors.values()) / max(len(errors), 1), max(errors.values(), default=0.0), len(errors))
+    _report(plan, modules, errors)
     return errors
 
 
-def module_name(tensor: str) -> str:
-    return tensor.removesuffix(".weight")
+def _check(options: ExtractOptions) -> None:
+    if options.max_rank < 1:
+        raise RecipeError(f"--max-rank: must be a positive integer, got {options.max_rank}")
+    if options.sv_epsilon < 0:
+        raise RecipeError(f"--sv-epsilon: must be >= 0, got {options.sv_epsilon}")
 
 
-def _targets(base: Checkpoint, ft: Checkpoint) -> list[str]:
-    """The 2-D float weights of the decoder layers, checked to exist with equal shapes in both."""
-    stack = find_stack(base.tensors)
-    if stack is None:
-        raise CheckpointError(f"{base.path}: no decoder layers found (tensor names like model.layers.N....)")
-    names = [n for n, info in base.tensors.items()
-             if n.startswith(stack.prefix + ".") and n.endswith(".weight") and len(info.shape) == 2 and info.dtype.is_floating_point]
-    for n in names:
-        if n not in ft:
-            raise CheckpointError(f"{ft.path}: tensor '{n}' of the base is missing (a fine-tune of another model?)")
-        if ft.info(n).shape != base.info(n).shape:
-            raise CheckpointError(f"{ft.path}: tensor '{n}' is {list(ft.info(n).shape)}, the base's {list(base.info(n).shape)}")
-    return names
+def _factorize(base: Checkpoint, ft: Checkpoint, plan: ExtractionPlan, options: ExtractOptions, transposed: bool,
+               device: torch.device, progress: bool) -> tuple[dict[str, LoraModule], dict[str, float]]:
+    """Every LoRA target's factors (those with rank >= 1) and relative errors, biases attached."""
+    modules: dict[str, LoraModule] = {}
+    errors: dict[str, float] = {}
+    for name, kind in tqdm(plan.lora.items(), unit="module", disable=not progress, desc="extracting"):
+        module, errors[name] = _extract_one(base, ft, name, kind, options, transposed or kind == "embedding", device)
+        if module is not None:
+            modules[name] = module
+    _attach_biases(base, ft, modules, plan)
+    return modules, errors
 
 
-def _extract_one(base: Checkpoint, ft: Checkpoint, name: str, rank: int, transposed: bool,
-                 device: torch.device) -> tuple[LoraModule, float]:
-    """One module's factors and the relative Frobenius error of its rank-`rank` approximation."""
+def _extract_one(base: Checkpoint, ft: Checkpoint, module: str, kind: Kind, options: ExtractOptions, transposed: bool,
+                 device: torch.device) -> tuple[LoraModule | None, float]:
+    """One module's factors (None when no singular value passes the threshold) and its relative error."""
+    name = f"{module}.weight"
     delta = ft.read(name).to(device, torch.float32) - base.read(name).to(device, torch.float32)
     delta = delta.T if transposed else delta  # (out, in)
-    B, A = truncated_svd(delta, rank)  # (out, R), (R, in)
-    total = delta.norm()
-    error = float((delta - B @ A).norm() / total) if total > 0 else 0.0
-    dtype = base.info(name).dtype
-    return LoraModule(module_name(name), A.to("cpu", dtype).contiguous(), B.to("cpu", dtype).contiguous(), 1.0, transposed), error
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)  # (out, k), (k,), (k, in)
+    R = min(options.max_rank, S.numel(), int((S > options.sv_epsilon).sum()))
+    total = float(delta.norm())
+    if R == 0:
+        return None, 1.0 if total > 0 else 0.0
+    scale_a, scale_b = (S[:R].sqrt(), S[:R].sqrt()) if options.distribute_scale else (S[:R], torch.ones_like(S[:R]))
+    dtype = ft.info(name).dtype
+    A = (scale_a[:, None] * Vh[:R]).to("cpu", dtype).contiguous()  # (R, in)
+    B = (U[:, :R] * scale_b).to("cpu", dtype).contiguous()  # (out, R)
+    error = float((delta - B.to(device, torch.float32) @ A.to(device, torch.float32)).norm()) / total if total > 0 else 0.0
+    return LoraModule(module, A, B, 1.0, transposed, kind), error
 
 
-def _warn_untouched(base: Checkpoint, ft: Checkpoint, extracted: set[str]) -> None:
-    """Name the tensors the fine-tune changed that the adapter does not carry."""
-    changed = [n for n in base.tensors if n not in extracted and n in ft and base.info(n).shape == ft.info(n).shape
-               and not torch.equal(base.read(n), ft.read(n))]
-    if changed:
-        log.warning("%d changed tensors are not in the adapter (not low-rank targets): %s%s", len(changed),
-                    ", ".join(changed[:5]), " ..." if len(changed) > 5 else "")
+def _attach_biases(base: Checkpoint, ft: Checkpoint, modules: dict[str, LoraModule], plan: ExtractionPlan) -> None:
+    """Bias deltas as `lora_B.bias` when every target has a bias (PEFT adds lora_B.bias to each base bias)."""
+    biased = {m: f"{m}.bias" for m in modules if f"{m}.bias" in ft}
+    changed = [m for m, b in biased.items() if not torch.equal(ft.read(b), base.read(b))]
+    if not changed:
+        return
+    if len(biased) < len(modules) or any(m.kind == "embedding" for m in modules.values()):
+        plan.dropped.extend(f"{m}.bias" for m in changed)
+        return
+    for m, b in biased.items():
+        modules[m].bias = (ft.read(b).float() - base.read(b).float()).to(ft.info(b).dtype)
 
 
-def _config(modules: dict[str, LoraModule], rank: int, transposed: bool, base: Path) -> dict:
-    """PEFT's LoraConfig defaults, targeting the extracted modules by their leaf names (q_proj, ...)."""
+def _params(ckpt: Checkpoint, module: str) -> list[str]:
+    return [n.rpartition(".")[2] for n in ckpt.tensors if n.rpartition(".")[0] == module]
+
+
+def _config(plan: ExtractionPlan, modules: dict[str, LoraModule], ft: Checkpoint, options: ExtractOptions,
+            transposed: bool, base: Path) -> dict:
+    """PEFT's LoraConfig defaults, targeting the factored modules, with the full ones in modules_to_save."""
     from peft import LoraConfig
 
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
-    template = LoraConfig(r=rank, lora_alpha=rank, target_modules=leaves, fan_in_fan_out=transposed).to_dict()
-    return unit_scale_config(template, modules, str(base.resolve()), targets=leaves)
+    rank = max((m.rank for m in modules.values()), default=1)
+    targets = module_names(ft, list(modules)) if modules else []
+    lora_bias = any(m.bias is not None for m in modules.values())
+    template = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, fan_in_fan_out=transposed,
+                          modules_to_save=list(plan.full) or None, lora_bias=lora_bias).to_dict()
+    return unit_scale_config(template, modules, str(base.resolve()), targets=targets)
+
+
+def _report(plan: ExtractionPlan, modules: dict[str, LoraModule], errors: dict[str, float]) -> None:
+    for name, err in errors.items():
+        log.debug("%s: rank %d, relative error %.3e", name, modules[name].rank if name in modules else 0, err)
+    if errors:
+        ranks = [m.rank for m in modules.values()]
+        log.info("%d LoRA modules (rank %d-%d), relative error mean %.3e, max %.3e; %d modules saved in full", len(modules),
+                 min(ranks, default=0), max(ranks, default=0), sum(errors.values()) / len(errors), max(errors.values()), len(plan.full))
+    if plan.resized:
+        log.warning("the fine-tune's vocabulary differs from the base's: resize the base's embeddings before loading (%s)",
+                    ", ".join(plan.resized))
+    if plan.dropped:
+        log.warning("%d changed modules are not in the adapter (excluded or not decomposable): %s%s", len(plan.dropped),
+                    ", ".join(plan.dropped[:5]), " ..." if len(plan.dropped) > 5 else "")
