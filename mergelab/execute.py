@@ -171,16 +171,23 @@ def _blockwise(plan: Plan, job: TensorJob, sink: Sink) -> bool:
     return not job.mergeable or plan.method.blockwise(list(job.params), job.options)
 
 
+def _passes(plan: Plan, job: TensorJob) -> bool:
+    """Merging the job in blocks takes passes over the whole tensor first (read again, and for TIES over
+    bf16 a sort of the whole magnitudes anyway): done only for a tensor that does not fit the budget whole."""
+    return job.mergeable and plan.method.block_passes(list(job.params), job.options)
+
+
 def _pieces(plan: Plan, sink: Sink, dev: torch.device, seed: int, budget: int | None, in_flight: int) -> Iterator[_Piece]:
-    """The loop's work, in write order: a job whole when it fits one block (or cannot be split), else a stats
-    pass (in one worker) and the blocks (each waiting for the stats)."""
+    """The loop's work, in write order: a job whole when it fits one block, or the budget if splitting it
+    takes passes over it (or it cannot be split), else a stats pass (in one worker) and the blocks (each
+    waiting for the stats)."""
     pool_stats = ThreadPoolExecutor(1, thread_name_prefix="mergelab-stats")  # passes never wait for the blocks' pool
     try:
         for job in plan.jobs:
             n = math.prod(job.shape)
             size = n * bytes_per_element(plan, job)
             step = block_elements(plan, job, budget, in_flight) if budget is not None else n
-            if n <= step or not _blockwise(plan, job, sink):
+            if n <= step or not _blockwise(plan, job, sink) or (size <= budget and _passes(plan, job)):
                 if budget is not None and size > budget:
                     log.warning("tensor '%s': %s needs it whole: ~%.1f GB in memory, beyond --memory %.1f GB",
                                 job.name, plan.method.name if job.mergeable else "copying", size / 1e9, budget / 1e9)
@@ -232,8 +239,9 @@ def execute(plan: Plan, sink: Sink, *, device: str | torch.device = "cpu", seed:
     Worker threads each read and merge one piece (file reads and torch ops release the GIL); results
     are written in order, with at most `workers + 1` pieces in memory. `memory` (bytes; None: no limit)
     bounds what they hold: a tensor larger than its share is merged in blocks of flat elements, when
-    the sink takes parts and the method allows it (`MergeMethod.blockwise`); a piece that cannot be
-    split and exceeds the share runs alone.
+    the sink takes parts and the method allows it (`MergeMethod.blockwise`; with passes over the
+    tensor, `MergeMethod.block_passes`, only one larger than the whole budget); pieces run together
+    while their estimates fit the budget, and one that exceeds it runs alone.
     """
     dev = resolve_device(device)
     n_workers = workers or default_workers(dev)
@@ -241,16 +249,14 @@ def execute(plan: Plan, sink: Sink, *, device: str | torch.device = "cpu", seed:
     start = time.perf_counter()
     read = written = 0
     bar = tqdm(total=len(plan.jobs), unit="tensor", disable=not progress, dynamic_ncols=True, desc="merging")
-    share = memory // in_flight if memory is not None else None
     pieces = _pieces(plan, sink, dev, seed, memory, in_flight)
     with single_threaded_ops(dev), ThreadPoolExecutor(n_workers, thread_name_prefix="mergelab") as pool:
         pending: deque[tuple[_Piece, Future]] = deque()
         held = next(pieces, None)
         try:
             while held is not None or pending:
-                # top up: a piece larger than its share waits for an empty pipeline, and runs alone
-                while held is not None and len(pending) <= n_workers and not (pending and _alone(pending[-1][0], share)) \
-                        and not (pending and _alone(held, share)):
+                # top up while the pieces' estimates fit the budget together: a larger one runs alone
+                while held is not None and _admit(held, [p for p, _ in pending], n_workers, memory):
                     pending.append((held, pool.submit(held.run)))
                     held = next(pieces, None)
                 piece, future = pending.popleft()
@@ -276,5 +282,9 @@ def execute(plan: Plan, sink: Sink, *, device: str | torch.device = "cpu", seed:
     return stats
 
 
-def _alone(piece: _Piece, share: int | None) -> bool:
-    return share is not None and not piece.part and piece.nbytes > share
+def _admit(piece: _Piece, pending: list[_Piece], n_workers: int, budget: int | None) -> bool:
+    """Start `piece` now: the pipeline is empty, or has room and the estimates of all fit the budget."""
+    if not pending:
+        return True
+    fits = budget is None or piece.nbytes + sum(p.nbytes for p in pending) <= budget
+    return len(pending) <= n_workers and fits

@@ -143,3 +143,23 @@ def test_a_nan_key_falls_back_to_the_sort() -> None:
     sorted_for = []
     [window] = _select.windows_over_blocks(blocks, 3000, [(0, 1200, True)], "position", sorted_for.append)
     assert sorted_for == [0] and torch.equal(window.whole, _select._window(keys, 0, 1200, True, "position"))
+
+
+def test_a_method_with_passes_splits_only_what_exceeds_the_whole_budget(models, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """TIES reads a split tensor once more per pass (and sorts it whole anyway where bf16 ties split the cut), so
+    a tensor that fits the budget whole is merged whole even when it exceeds its share; linear splits it."""
+    split: set[str] = set()
+    real = execute.read_block
+    monkeypatch.setattr(execute, "read_block", lambda plan, job, a, b: split.add(job.name) or real(plan, job, a, b))
+    paths = models[(torch.bfloat16, True)]
+    whole = load_state(merge(recipe("ties", paths), tmp_path / "whole", progress=False, memory=None))
+    n_embed = 301 * 70  # ~22 bytes an element: 0.46 MB whole, 0.1 MB its share of 0.5 MB
+    for memory, expected in ((500_000, set()), (400_000, {"model.embed_tokens.weight", "lm_head.weight"})):
+        split.clear()
+        out = load_state(merge(recipe("ties", paths), tmp_path / str(memory), progress=False, memory=memory))
+        assert split == expected and 400_000 < n_embed * 22 <= 500_000
+        assert all(torch.equal(whole[k].view(torch.uint8), out[k].view(torch.uint8)) for k in SHAPES)
+    split.clear()
+    merge(recipe("linear", paths), tmp_path / "linear", progress=False, memory=500_000)
+    assert "model.embed_tokens.weight" in split

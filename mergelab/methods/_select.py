@@ -11,17 +11,14 @@ given rank exactly in three cheap passes:
 
 The kept set is then every element above that value, and the cut is exact unless it splits a
 group of equal values (ties). mergekit keeps `torch.argsort(|d|, descending=True)[:k]` (TIES)
-and `torch.sort(|d|).indices[lo:hi]` (breadcrumbs). torch's CPU sort is not stable (it takes
-`stable=False` to mean x86-simd-sort's quicksort on AVX2/AVX-512 CPUs, `std::sort` elsewhere),
-so which of the tied elements it puts first depends on the whole tensor, not on the tied
-elements alone: checked on torch 2.13 from 40 to 5M elements, in 1 and 2 threads (the order
-is the same in both, and run to run). So where the cut splits a tie group we make mergekit's
-own call on the whole tensor (`tie_break: mergekit`, the default); elsewhere (float32-valued
-checkpoints, nearly always) selection alone is exact. Over bf16-valued checkpoints a task
-vector has many equal magnitudes and most cuts split a group: those tensors are sorted, as
-mergekit sorts them, which made a 1.1B TIES merge 3.4x slower (bench/bench_merge.py).
-`tie_break: position` takes the tied elements by position instead (the order of the same
-calls with `stable=True`): selection only, never a sort, but not mergekit's entries.
+and `torch.sort(|d|).indices[lo:hi]` (breadcrumbs). torch's CPU sort is not stable (x86-simd-sort's
+quicksort on AVX2/AVX-512 CPUs, `std::sort` elsewhere), so which of the tied elements it puts first
+depends on the whole tensor: checked on torch 2.13 from 40 to 5M elements, the same in 1 and 2
+threads and run to run. So where the cut splits a tie group (most cuts over bf16-valued
+checkpoints; nearly none over float32 ones) we make mergekit's own sort call on the whole tensor
+(`tie_break: mergekit`, the default) and take from it only the tied elements at the cut.
+`tie_break: position` takes them by position instead (the order of the same calls with
+`stable=True`): selection only, never a sort, but not mergekit's entries.
 
 A search asks for masks of the same magnitudes at many densities: it sorts once
 (`sorted_ranks`, remembered) and passes the ranks, and each mask is one comparison.
@@ -29,6 +26,7 @@ A search asks for masks of the same magnitudes at many densities: it sorts once
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -105,20 +103,23 @@ def rank_window_mask(v: torch.Tensor, lo: int, hi: int, ranks: torch.Tensor | No
 
 
 def _window(v: torch.Tensor, lo: int, hi: int, descending: bool, tie_break: str) -> torch.Tensor:
-    """Mask of the elements at [lo, hi) of the sort of flat `v`: selected, or sorted where only the sort can say."""
+    """Mask of the elements at [lo, hi) of the sort of flat `v`: selected; sorted (once) only where a cut needs it."""
     flat = v.reshape(-1)
-    upper = _leading(flat, hi, descending, tie_break)
-    lower = _leading(flat, lo, descending, tie_break) if lo > 0 else None
-    if upper is None or (lo > 0 and lower is None):
-        return _positions(flat, _order(flat, descending, tie_break)[lo:hi]).reshape(v.shape)
+    order = functools.cache(lambda: _order(flat, descending, tie_break))
+    upper = _leading(flat, hi, descending, tie_break, order)
+    lower = _leading(flat, lo, descending, tie_break, order) if lo > 0 else None
+    if upper is None or (lo > 0 and lower is None):  # a NaN: where the sort puts it
+        upper, lower = torch.zeros_like(flat, dtype=torch.bool), None
+        upper[order()[lo:hi]] = True
     if lower is not None:
         upper &= ~lower
     return upper.reshape(v.shape)
 
 
-def _leading(flat: torch.Tensor, m: int, descending: bool, tie_break: str) -> torch.Tensor | None:
-    """Mask of the first m elements of the sort of `flat`; None when only the sort can say which they
-    are: the cut splits equal values under `tie_break: mergekit`, or a NaN (a sort puts it at one end)."""
+def _leading(flat: torch.Tensor, m: int, descending: bool, tie_break: str,
+             order: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """Mask of the first m elements of the sort of `flat`; None on a NaN (a sort puts it at one end).
+    `order`: mergekit's sort of `flat`, asked for only where the cut splits equal values under `tie_break: mergekit`."""
     n = flat.numel()
     if m <= 0 or m >= n:
         return torch.full_like(flat, m >= n, dtype=torch.bool)
@@ -129,10 +130,11 @@ def _leading(flat: torch.Tensor, m: int, descending: bool, tie_break: str) -> to
     take = m - (n - n_less - n_equal if descending else n_less)
     if take == n_equal:  # 2) all of them: no order among them needed
         return flat >= val if descending else flat <= val
-    if tie_break == "mergekit":
-        return None
-    # 3) `position`: those ahead of the value, and the first `take` equal to it
     mask = flat > val if descending else flat < val
+    if tie_break == "mergekit":  # 3) the equal ones the sort puts first: right after the m - take ahead of them
+        mask[order()[m - take : m]] = True
+        return mask
+    # 3) `position`: the first `take` equal to the value
     for start in range(0, n, CHUNK):  # scanning no further than needed
         idx = torch.nonzero(flat[start : start + CHUNK] == val).squeeze(1)[:take]
         mask[start + idx] = True
@@ -147,21 +149,15 @@ def _order(flat: torch.Tensor, descending: bool, tie_break: str) -> torch.Tensor
     return torch.argsort(flat, descending=descending, stable=tie_break == "position")
 
 
-def _positions(flat: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    mask[positions] = True
-    return mask
-
-
 # ---------------------------------------------------------------- over blocks
 # A tensor too large to hold (`mergelab merge --memory`) is seen as blocks of flat elements, one
 # pass at a time. The same windows are found there exactly, in bounded memory, by radix selection
 # on the keys' bits (non-negative floats order as their bit patterns): one pass per 16 bits of the
-# key (two for float32) counts each 16-bit digit among the elements that share the digits found so
-# far, which gives the value at the rank and the counts below and equal to it; `position` ties take
-# one more pass. A window that needs mergekit's own sort (a cut inside a group of equal keys under
-# `tie_break: mergekit`, or a NaN) is found on the whole keys gathered from the blocks: 4 bytes per
-# element, and the sort's own 8 or more, the one case that is not bounded by the blocks.
+# key (one for half precision, two for float32) counts each 16-bit digit among the elements that
+# share the digits found so far: the value at the rank and the counts below and equal to it;
+# `position` ties take one more pass. Windows that need mergekit's own sort (a cut inside a group of
+# equal keys under `tie_break: mergekit`, or a NaN) are found on the whole keys, gathered in one more
+# pass: the one case not bounded by the blocks (the keys, and the sort's 12 bytes per element).
 
 KeyBlocks = Callable[[], Iterator[list[torch.Tensor]]]  # one pass: each block's keys, one tensor per stream
 _DIGIT = 16
@@ -208,21 +204,25 @@ class Window:
 
 
 def windows_over_blocks(blocks: KeyBlocks, n: int, windows: list[tuple[int, int, bool]], tie_break: str,
-                        on_sort: Callable[[int], None] | None = None) -> list[Window]:
+                        on_sort: Callable[[int], None] | None = None,
+                        sort_keys: Callable[[torch.Tensor], torch.Tensor] = lambda keys: keys) -> list[Window]:
     """`rank_window_mask`/`top_k_mask` of each stream's keys as rules, found in passes over `blocks`.
 
     `windows[i]`: (lo, hi, descending) for stream i, n elements each. `on_sort(i)` is called before the
-    keys of stream i are gathered whole for a sort."""
+    keys of stream i are gathered whole for a sort (all such streams in one pass); `sort_keys` turns the
+    gathered keys into what the sort ranks, where the blocks hold narrower keys of the same order."""
     cuts = [(i, m, d) for i, (lo, hi, d) in enumerate(windows) for m in ((hi, lo) if lo > 0 else (hi,))]
     leading = dict(zip(cuts, _leading_over_blocks(blocks, n, cuts, tie_break)))
+    rules = [(leading[(i, hi, d)], leading.get((i, lo, d))) for i, (lo, hi, d) in enumerate(windows)]
+    whole = [i for i, ((lo, _, _), (up, low)) in enumerate(zip(windows, rules)) if up is None or (lo > 0 and low is None)]
+    for i in whole if on_sort is not None else ():
+        on_sort(i)
+    columns = zip(*([keys[i] for i in whole] for keys in blocks())) if whole else ()  # one pass gathers them all
+    gathered = {i: torch.cat(column) for i, column in zip(whole, columns)}
     out = []
-    for i, (lo, hi, d) in enumerate(windows):
-        upper, lower = leading[(i, hi, d)], leading.get((i, lo, d))
-        if upper is None or (lo > 0 and lower is None):
-            if on_sort is not None:
-                on_sort(i)
-            keys = torch.cat([ks[i] for ks in blocks()])
-            out.append(Window(whole=_window(keys, lo, hi, d, tie_break)))
+    for i, ((lo, hi, d), (upper, lower)) in enumerate(zip(windows, rules)):
+        if i in gathered:
+            out.append(Window(whole=_window(sort_keys(gathered.pop(i)), lo, hi, d, tie_break)))
         else:
             out.append(Window(upper, lower))
     return out

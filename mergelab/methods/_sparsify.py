@@ -70,6 +70,12 @@ def keys(mag: torch.Tensor) -> torch.Tensor:
     return mag.float() if mag.device.type == "cpu" else mag
 
 
+def order_keys(mag: torch.Tensor) -> torch.Tensor:
+    """Keys in the order of `keys(mag)`, with its equalities, for selection only (never for mergekit's sort):
+    half-precision magnitudes as they are (their float32 widening is exact), others as `keys` makes them."""
+    return mag if mag.dtype in (torch.float16, torch.bfloat16) else keys(mag)
+
+
 def _ranks(ranked: torch.Tensor, memo: Memo, descending: bool, tie_break: str) -> torch.Tensor | None:
     """With a cache, the keys' positions in their sort (one sort, remembered); without, None: select each time."""
     if not memo.active:

@@ -151,6 +151,11 @@ class MergeMethod:
         parameters: `merge` of a block, given `block_stats`, is that block of the whole merge, bit for bit."""
         return self.elementwise
 
+    def block_passes(self, params: list[dict[str, Any]], options: dict[str, Any]) -> bool:
+        """Whether merging in blocks first takes passes over the whole tensor (`block_stats` reads every block
+        again): then a tensor is split only when it does not fit the memory budget whole."""
+        return False
+
     def block_stats(self, inputs: MergeInputs, blocks: Callable[[], Iterator[MergeInputs]], budget: int) -> Any:
         """What the merge of one block needs to know of the whole tensor (a threshold, a norm), found in
         passes over `blocks()` (each call one pass, in order); `inputs` has the parameters and no tensors.

@@ -98,6 +98,9 @@ class Slerp(MergeMethod):
     def blockwise(self, params: list[dict[str, Any]], options: dict[str, Any]) -> bool:
         return True  # blocks are whole 1M-element chunks: the chunks' norms and dots are those of the whole tensor
 
+    def block_passes(self, params: list[dict[str, Any]], options: dict[str, Any]) -> bool:
+        return True
+
     def block_stats(self, inputs: MergeInputs, blocks: Callable[[], Iterator[MergeInputs]], budget: int) -> Any:
         """The coefficients of the whole tensors, from two passes: the chunks' norms, then their dot products."""
         def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.dtype]]:

@@ -116,6 +116,11 @@ class TaskArithmeticFamily(MergeMethod):
         norm_rescale = bool(options.get("rescale")) and options.get("rescale_mode") != "probability"
         return self.sparsify in ("magnitude", "magnitude_outliers") and not norm_rescale
 
+    def block_passes(self, params: list[dict[str, Any]], options: dict[str, Any]) -> bool:
+        """Passes over the blocks for the magnitude windows, where a density is below 1."""
+        return self.sparsify is not None and self.blockwise(params, options) and \
+            any(float(p.get("density", 1.0)) < 1 for p in params)
+
     def block_stats(self, inputs: MergeInputs, blocks: Callable[[], Iterator[MergeInputs]], budget: int) -> Any:
         """Per input, the `_select.Window` of kept magnitudes (None: all kept), found in passes over the blocks."""
         if not self._needs_delta(inputs):
@@ -128,7 +133,7 @@ class TaskArithmeticFamily(MergeMethod):
             for block in blocks():
                 b = block.base.reshape(-1)  # type: ignore[union-attr]
                 dtype = compute_dtype(block)
-                yield [_sparsify.keys(_magnitudes(block.tensors[i].reshape(-1), b, torch.empty_like(b, dtype=dtype)))
+                yield [_sparsify.order_keys(_magnitudes(block.tensors[i].reshape(-1), b, torch.empty_like(b, dtype=dtype)))
                        for i in streams]
 
         def on_sort(j: int) -> None:
@@ -137,7 +142,8 @@ class TaskArithmeticFamily(MergeMethod):
                     "tensor as mergekit does (~%.1f GB; --memory %.1f GB); tie_break: position stays within --memory",
                     inputs.name, streams[j], 16 * n / 1e9, budget / 1e9)
 
-        found = windows_over_blocks(key_blocks, n, [windows[i] for i in streams], inputs.options["tie_break"], on_sort)
+        found = windows_over_blocks(key_blocks, n, [windows[i] for i in streams], inputs.options["tie_break"], on_sort,
+                                    sort_keys=_sparsify.keys)
         out: list[Window | None] = [None] * len(windows)
         for i, window in zip(streams, found):
             out[i] = window
@@ -154,7 +160,7 @@ class TaskArithmeticFamily(MergeMethod):
         if window is None:
             return _sparsify.Sparse()
         assert buffer is not None
-        return _sparsify.Sparse(window.mask(_sparsify.keys(_magnitudes(x, b, buffer)), inputs.offset), 1.0)
+        return _sparsify.Sparse(window.mask(_sparsify.order_keys(_magnitudes(x, b, buffer)), inputs.offset), 1.0)
 
     # 1)-2) task vector magnitudes (full size, into a reused buffer), then sparsify
     def _sparsify(self, inputs: MergeInputs, i: int, x: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor | None) -> _sparsify.Sparse:
