@@ -1,9 +1,22 @@
-"""Every architecture of the matrix, merged and loaded: tiny random models built from configs
-(Llama, Mistral, Qwen2, Gemma2, GPT-NeoX, Mixtral, T5), each merged with linear and with slerp over
-a layer gradient, and, where there is one stack of layers, stacked with a passthrough `slices`
+"""Every architecture of the matrix, merged, loaded and compared with mergekit: tiny models built
+from configs by `tests/golden/arch_models.py` (Llama, tied-embedding Llama, Mistral, Qwen2, Qwen3,
+Gemma2, Phi-3, GPT-2, GPT-NeoX, Mixtral, T5, BERT), each merged with TIES and with slerp over a
+layer gradient and, where there is one stack of layers, stacked with a passthrough `slices`
 recipe. Each output loads with `from_pretrained` with no missing, unexpected or mismatched keys
-and runs a forward pass. The slices over Qwen2 and Gemma2 are the case mergekit 0.1.5 fails on:
-their config's `layer_types` must follow the new layer count, layer by layer."""
+and runs a forward pass, and equals mergekit 0.1.5's tensors bit for bit wherever mergekit runs
+(goldens by `tests/golden/make_golden_archs.py`).
+
+Where mergekit 0.1.5 fails, mergelab works: GPT-NeoX checkpoints saved without
+`attention.bias` (transformers 5 no longer writes the buffer), BERT with a masked-LM head (its
+architecture file requires a pooler BertForMaskedLM does not have), and the slices over Qwen2 and
+Gemma2, whose config's `layer_types` must follow the new layer count, layer by layer.
+
+Mixtral: mergelab merges each expert's w1/w2/w3 as the checkpoint stores them; mergekit under
+transformers 5 merges the fused `mlp.experts.gate_up_proj` / `down_proj`. Every other tensor is
+equal; the experts differ for TIES (the density threshold is taken per expert matrix, not over
+all experts' [w1; w3] at once) and slerp (one angle per expert matrix, not one per fused tensor),
+and mergelab run on the same checkpoints fused gives mergekit's tensors bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -13,50 +26,44 @@ from typing import Callable
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, Gemma2Config, GPTNeoXConfig, MixtralConfig,
-                          PretrainedConfig, Qwen2Config)
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 from mergelab.merging import merge
-from tests.helpers import HIDDEN, VOCAB, llama_config, load_state, mistral_config, t5_config
+from tests.golden.arch_models import ARCHS, ENCODERS, RECIPES, SEQ2SEQ, VOCAB, build, fuse_experts, fuse_folder, golden_dir, manifest
+from tests.helpers import load_state
 
-SMALL = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, tie_word_embeddings=False)
-CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
-    "llama": lambda: llama_config(4),
-    "mistral": lambda: mistral_config(4),
-    # sliding attention on layers 2-3 only: layer_types is not one value repeated
-    "qwen2": lambda: Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=16, max_window_layers=2, **SMALL),
-    "gemma2": lambda: Gemma2Config(num_hidden_layers=4, head_dim=8, sliding_window=16, **SMALL),
-    "gpt_neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=4,
-                                      num_attention_heads=4, max_position_embeddings=64),
-    "mixtral": lambda: MixtralConfig(num_hidden_layers=3, num_local_experts=4, num_experts_per_tok=2, **SMALL),
-    "t5": lambda: t5_config(3),
-}
-ONE_STACK = [a for a in CONFIGS if a != "t5"]
+ONE_STACK = [a for a in ARCHS if a not in SEQ2SEQ]
+MANIFEST = manifest()["cases"]
+MERGEKIT_FAILS = {"gpt_neox_ties", "gpt_neox_slerp", "bert_ties", "bert_slerp"}
 
 
 def _auto(arch: str) -> type:
-    return AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
+    return AutoModelForSeq2SeqLM if arch in SEQ2SEQ else AutoModelForMaskedLM if arch in ENCODERS else AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path]]:
-    """arch -> (base, fine-tune) folders: a random model and a copy with noise on every weight."""
-    root = tmp_path_factory.mktemp("archs")
-    built: dict[str, tuple[Path, Path]] = {}
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("archs")
 
-    def get(arch: str) -> tuple[Path, Path]:
-        if arch not in built:
-            torch.manual_seed(0)
-            model = _auto(arch).from_config(CONFIGS[arch]())
-            model.save_pretrained(root / arch / "base")
-            g = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
-            model.save_pretrained(root / arch / "tuned")
-            built[arch] = (root / arch / "base", root / arch / "tuned")
-        return built[arch]
+
+@pytest.fixture(scope="module")
+def models(root: Path) -> Callable[[str], Path]:
+    """arch -> the folder holding its base, a and b."""
+    def get(arch: str) -> Path:
+        if not (root / arch / "b").exists():
+            build(arch, root / arch)
+        return root / arch
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def merged(models: Callable[[str], Path], root: Path) -> Callable[[str, str], Path]:
+    """(arch, method) -> mergelab's merge of `arch_models.RECIPES[method]`, made once."""
+    def get(arch: str, method: str) -> Path:
+        out = root / f"out_{arch}_{method}"
+        return out if out.exists() else merge(RECIPES[method](str(models(arch))), out, progress=False)
 
     return get
 
@@ -67,46 +74,71 @@ def load_and_run(arch: str, folder: Path) -> torch.Tensor:
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     ids = torch.arange(10).reshape(2, 5) % VOCAB
     with torch.no_grad():
-        out = model(input_ids=ids, decoder_input_ids=ids[:, :3]) if arch == "t5" else model(input_ids=ids)
+        out = model(input_ids=ids, decoder_input_ids=ids[:, :3]) if arch in SEQ2SEQ else model(input_ids=ids)
     assert torch.isfinite(out.logits).all()
     return out.logits
 
 
-RECIPES = {
-    "linear": lambda base, tuned: {"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 0.3}},
-                                                                         {"model": str(tuned), "parameters": {"weight": 0.7}}]},
-    "slerp": lambda base, tuned: {"merge_method": "slerp", "base_model": str(base),
-                                  "models": [{"model": str(base)}, {"model": str(tuned)}], "parameters": {"t": [0.1, 0.9]}},
-}
-
-
 @pytest.mark.parametrize("method", RECIPES)
-@pytest.mark.parametrize("arch", CONFIGS)
-def test_merge_loads_and_runs(arch: str, method: str, models: Callable, tmp_path: Path) -> None:
-    base, tuned = models(arch)
-    out = merge(RECIPES[method](base, tuned), tmp_path / "out", progress=False)
-    ours, a, b = load_state(out), load_state(base), load_state(tuned)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merge_loads_and_runs(arch: str, method: str, models: Callable, merged: Callable) -> None:
+    out = merged(arch, method)
+    ours, a, b = load_state(out), load_state(models(arch) / "base"), load_state(models(arch) / "a")
     assert ours.keys() == a.keys()
     moved = [n for n in ours if ours[n].is_floating_point() and not torch.equal(ours[n], a[n]) and not torch.equal(ours[n], b[n])]
     assert len(moved) > len(ours) // 2  # the merge is neither input
     load_and_run(arch, out)
 
 
+@pytest.mark.parametrize("case", sorted(MANIFEST))
+def test_matches_mergekit(case: str, merged: Callable) -> None:
+    """mergelab's tensors are mergekit's bit for bit (Mixtral: the tensors outside the experts; see the next test)."""
+    if "error" in MANIFEST[case]:
+        assert case in MERGEKIT_FAILS, MANIFEST[case]["error"]  # a new mergekit failure: look at it
+        return
+    arch, method = case.rsplit("_", 1)
+    ours, theirs = load_state(merged(arch, method)), load_file(str(golden_dir() / f"{case}.safetensors"))
+    if arch == "mixtral":
+        ours = fuse_experts(ours)
+        theirs = {n: t for n, t in theirs.items() if ".experts." not in n}
+        ours = {n: t for n, t in ours.items() if ".experts." not in n}
+    assert ours.keys() == theirs.keys()
+    for name, expected in theirs.items():
+        assert torch.equal(ours[name], expected), f"{case} {name}: max diff {float((ours[name] - expected).abs().max()):.3g}"
+
+
+@pytest.mark.parametrize("method", RECIPES)
+def test_mixtral_experts_are_merged_per_expert(method: str, models: Callable, merged: Callable, root: Path) -> None:
+    """Per expert as stored, experts differ from mergekit's fused merge; fused first, they are mergekit's bit for bit."""
+    theirs = load_file(str(golden_dir() / f"mixtral_{method}.safetensors"))
+    experts = [n for n in theirs if ".experts." in n]
+    per_expert = fuse_experts(load_state(merged("mixtral", method)))
+    assert all(per_expert[n].shape == theirs[n].shape and not torch.equal(per_expert[n], theirs[n]) for n in experts)
+    fused = root / "mixtral_fused"
+    if not fused.exists():
+        for name in ("base", "a", "b"):
+            fuse_folder(models("mixtral") / name, fused / name)
+    ours = load_state(merge(RECIPES[method](str(fused)), root / f"out_mixtral_fused_{method}", progress=False))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[n], theirs[n]) for n in theirs)
+
+
 @pytest.mark.parametrize("arch", ONE_STACK)
 def test_layer_stacking_loads_and_runs(arch: str, models: Callable, tmp_path: Path) -> None:
-    """Layers [0, 2) of the base then [1, n) of the fine-tune: n + 1 layers, per-layer config lists in that order."""
-    base, tuned = models(arch)
+    """Layers [0, 2) of the base then [1, n) of a: n + 1 layers, per-layer config lists in that order."""
+    base, tuned = models(arch) / "base", models(arch) / "a"
     config = json.loads((base / "config.json").read_text())
-    n = config["num_hidden_layers"]
+    key = "n_layer" if "n_layer" in config else "num_hidden_layers"
+    n = config[key]
     recipe = {"merge_method": "passthrough", "dtype": "float32",
               "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]}]},
                          {"sources": [{"model": str(tuned), "layer_range": [1, n]}]}]}
     out = merge(recipe, tmp_path / "out", progress=False)
     got = json.loads((out / "config.json").read_text())
-    assert got["num_hidden_layers"] == n + 1
+    assert got[key] == n + 1
     if "layer_types" in config:
         assert got["layer_types"] == config["layer_types"][0:2] + config["layer_types"][1:n]
     ours, b = load_state(out), load_state(tuned)
-    layer = next(k for k in b if ".layers.1." in k)
-    assert torch.equal(ours[layer.replace(".layers.1.", ".layers.2.")], b[layer])  # output layer 2 is the tuned's layer 1
+    layer = next(k for k in b if ".1." in k and (".layers.1." in k or ".h.1." in k or ".layer.1." in k))
+    assert torch.equal(ours[layer.replace(".1.", ".2.", 1)], b[layer])  # output layer 2 is a's layer 1
     load_and_run(arch, out)
