@@ -4,12 +4,12 @@ Gemma2, Phi-3, GPT-2, GPT-NeoX, Mixtral, T5, BERT), each merged with TIES and wi
 layer gradient and, where there is one stack of layers, stacked with a passthrough `slices`
 recipe. Each output loads with `from_pretrained` with no missing, unexpected or mismatched keys
 and runs a forward pass, and equals mergekit 0.1.5's tensors bit for bit wherever mergekit runs
-(goldens by `tests/golden/make_golden_archs.py`).
+(TIES, slerp and slices; goldens by `tests/golden/make_golden_archs.py`).
 
 Where mergekit 0.1.5 fails, mergelab works: GPT-NeoX checkpoints saved without
 `attention.bias` (transformers 5 no longer writes the buffer), BERT with a masked-LM head (its
-architecture file requires a pooler BertForMaskedLM does not have), and the slices over Qwen2 and
-Gemma2, whose config's `layer_types` must follow the new layer count, layer by layer.
+architecture file requires a pooler BertForMaskedLM does not have), and the slices over Qwen2,
+Qwen3 and Gemma2, whose config's `layer_types` must follow the new layer count, layer by layer.
 
 Mixtral: mergelab merges each expert's w1/w2/w3 as the checkpoint stores them; mergekit under
 transformers 5 merges the fused `mlp.experts.gate_up_proj` / `down_proj`. Every other tensor is
@@ -30,12 +30,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 from mergelab.merging import merge
-from tests.golden.arch_models import ARCHS, ENCODERS, RECIPES, SEQ2SEQ, VOCAB, build, fuse_experts, fuse_folder, golden_dir, manifest
+from tests.golden.arch_models import (ARCHS, ENCODERS, RECIPES, SEQ2SEQ, VOCAB, build, fuse_experts, fuse_folder, golden_dir,
+                                      layer_count, manifest, slices_recipe)
 from tests.helpers import load_state
 
 ONE_STACK = [a for a in ARCHS if a not in SEQ2SEQ]
 MANIFEST = manifest()["cases"]
-MERGEKIT_FAILS = {"gpt_neox_ties", "gpt_neox_slerp", "bert_ties", "bert_slerp"}
+MERGEKIT_FAILS = {f"{arch}_{m}" for arch in ("gpt_neox", "bert") for m in ("ties", "slerp", "slices")} | {
+    f"{arch}_slices" for arch in ("qwen2", "qwen3", "gemma2")}
 
 
 def _auto(arch: str) -> type:
@@ -60,10 +62,11 @@ def models(root: Path) -> Callable[[str], Path]:
 
 @pytest.fixture(scope="module")
 def merged(models: Callable[[str], Path], root: Path) -> Callable[[str, str], Path]:
-    """(arch, method) -> mergelab's merge of `arch_models.RECIPES[method]`, made once."""
+    """(arch, method) -> mergelab's merge of `arch_models.RECIPES[method]` (or `slices_recipe`), made once."""
     def get(arch: str, method: str) -> Path:
         out = root / f"out_{arch}_{method}"
-        return out if out.exists() else merge(RECIPES[method](str(models(arch))), out, progress=False)
+        recipe = slices_recipe if method == "slices" else RECIPES[method]
+        return out if out.exists() else merge(recipe(str(models(arch))), out, progress=False)
 
     return get
 
@@ -92,7 +95,7 @@ def test_merge_loads_and_runs(arch: str, method: str, models: Callable, merged: 
 
 @pytest.mark.parametrize("case", sorted(MANIFEST))
 def test_matches_mergekit(case: str, merged: Callable) -> None:
-    """mergelab's tensors are mergekit's bit for bit (Mixtral: the tensors outside the experts; see the next test)."""
+    """mergelab's tensors are mergekit's bit for bit (Mixtral's TIES and slerp: outside the experts; see the next test)."""
     if "error" in MANIFEST[case]:
         assert case in MERGEKIT_FAILS, MANIFEST[case]["error"]  # a new mergekit failure: look at it
         return
@@ -100,8 +103,9 @@ def test_matches_mergekit(case: str, merged: Callable) -> None:
     ours, theirs = load_state(merged(arch, method)), load_file(str(golden_dir() / f"{case}.safetensors"))
     if arch == "mixtral":
         ours = fuse_experts(ours)
-        theirs = {n: t for n, t in theirs.items() if ".experts." not in n}
-        ours = {n: t for n, t in ours.items() if ".experts." not in n}
+        if method != "slices":
+            theirs = {n: t for n, t in theirs.items() if ".experts." not in n}
+            ours = {n: t for n, t in ours.items() if ".experts." not in n}
     assert ours.keys() == theirs.keys()
     for name, expected in theirs.items():
         assert torch.equal(ours[name], expected), f"{case} {name}: max diff {float((ours[name] - expected).abs().max()):.3g}"
@@ -124,21 +128,16 @@ def test_mixtral_experts_are_merged_per_expert(method: str, models: Callable, me
 
 
 @pytest.mark.parametrize("arch", ONE_STACK)
-def test_layer_stacking_loads_and_runs(arch: str, models: Callable, tmp_path: Path) -> None:
+def test_layer_stacking_loads_and_runs(arch: str, models: Callable, merged: Callable) -> None:
     """Layers [0, 2) of the base then [1, n) of a: n + 1 layers, per-layer config lists in that order."""
-    base, tuned = models(arch) / "base", models(arch) / "a"
-    config = json.loads((base / "config.json").read_text())
-    key = "n_layer" if "n_layer" in config else "num_hidden_layers"
-    n = config[key]
-    recipe = {"merge_method": "passthrough", "dtype": "float32",
-              "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]}]},
-                         {"sources": [{"model": str(tuned), "layer_range": [1, n]}]}]}
-    out = merge(recipe, tmp_path / "out", progress=False)
+    config = json.loads((models(arch) / "base" / "config.json").read_text())
+    n = layer_count(config)
+    out = merged(arch, "slices")
     got = json.loads((out / "config.json").read_text())
-    assert got[key] == n + 1
+    assert layer_count(got) == n + 1
     if "layer_types" in config:
         assert got["layer_types"] == config["layer_types"][0:2] + config["layer_types"][1:n]
-    ours, b = load_state(out), load_state(tuned)
-    layer = next(k for k in b if ".1." in k and (".layers.1." in k or ".h.1." in k or ".layer.1." in k))
+    ours, b = load_state(out), load_state(models(arch) / "a")
+    layer = next(k for k in b if ".layers.1." in k or ".h.1." in k or ".layer.1." in k)
     assert torch.equal(ours[layer.replace(".1.", ".2.", 1)], b[layer])  # output layer 2 is a's layer 1
     load_and_run(arch, out)

@@ -130,6 +130,18 @@ RECIPES: dict[str, Callable[[str], dict]] = {
 }
 
 
+def slices_recipe(root: str) -> dict:
+    """Layers [0, 2) of base then [1, n) of a: n + 1 layers (archs with one stack of layers)."""
+    n = layer_count(json.loads((Path(root) / "base" / "config.json").read_text()))
+    return {"merge_method": "passthrough", "dtype": "float32",
+            "slices": [{"sources": [{"model": f"{root}/base", "layer_range": [0, 2]}]},
+                       {"sources": [{"model": f"{root}/a", "layer_range": [1, n]}]}]}
+
+
+def layer_count(config: dict) -> int:
+    return config["n_layer"] if "n_layer" in config else config["num_hidden_layers"]
+
+
 def golden_dir() -> Path:
     return Path(__file__).resolve().parent / "archs"
 

@@ -4,7 +4,7 @@ Run with the mergekit venv (this script must not import mergelab):
 
     /work/mkvenv/bin/python tests/golden/make_golden_archs.py
 
-For each arch and recipe (`arch_models.RECIPES`) it stores mergekit's tensors as
+For each arch and recipe (`arch_models.RECIPES`, and `slices_recipe` where there is one stack) it stores mergekit's tensors as
 `archs/<arch>_<recipe>.safetensors`, or, where mergekit fails, its error in `archs/manifest.json`.
 The inputs are not stored: `arch_models.build` makes them again from a seed.
 """
@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arch_models import ARCHS, RECIPES, build, golden_dir  # noqa: E402
+from arch_models import ARCHS, RECIPES, SEQ2SEQ, build, golden_dir, slices_recipe  # noqa: E402
 
 
 def run_mergekit(recipe: dict, out: Path) -> None:
@@ -45,7 +45,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ARCHS:
             build(arch, Path(tmp) / arch)
-            for method, recipe in RECIPES.items():
+            recipes = {**RECIPES, **({} if arch in SEQ2SEQ else {"slices": slices_recipe})}
+            for method, recipe in recipes.items():
                 case, out = f"{arch}_{method}", Path(tmp) / f"out_{arch}_{method}"
                 try:
                     run_mergekit(recipe(str(Path(tmp) / arch)), out)
