@@ -121,6 +121,9 @@ def fuse_folder(src: Path, dst: Path) -> Path:
 
 
 RECIPES: dict[str, Callable[[str], dict]] = {
+    "linear": lambda root: {"merge_method": "linear", "dtype": "float32",
+                            "models": [{"model": f"{root}/a", "parameters": {"weight": 0.3}},
+                                       {"model": f"{root}/b", "parameters": {"weight": 0.7}}]},
     "ties": lambda root: {"merge_method": "ties", "base_model": f"{root}/base", "dtype": "float32",
                           "models": [{"model": f"{root}/a", "parameters": {"weight": 0.6, "density": 0.5}},
                                      {"model": f"{root}/b", "parameters": {"weight": 0.4, "density": 0.7}}],
