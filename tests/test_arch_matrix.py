@@ -28,10 +28,9 @@ from typing import Callable
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 from mergelab.merging import merge
-from tests.golden.arch_models import (ARCHS, ENCODERS, RECIPES, SEQ2SEQ, VOCAB, build, fuse_experts, fuse_folder, golden_dir,
+from tests.golden.arch_models import (ARCHS, RECIPES, SEQ2SEQ, VOCAB, auto_class, build, fuse_experts, fuse_folder, golden_dir,
                                       layer_count, manifest, slices_recipe)
 from tests.helpers import load_state
 
@@ -40,10 +39,6 @@ WHOLE_TENSOR = ("ties", "slerp")  # methods whose entries depend on the whole te
 MANIFEST = manifest()["cases"]
 MERGEKIT_FAILS = {f"{arch}_{m}" for arch in ("gpt_neox", "bert") for m in ("linear", "ties", "slerp", "slices")} | {
     f"{arch}_slices" for arch in ("qwen2", "qwen3", "gemma2")}
-
-
-def _auto(arch: str) -> type:
-    return AutoModelForSeq2SeqLM if arch in SEQ2SEQ else AutoModelForMaskedLM if arch in ENCODERS else AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +70,7 @@ def merged(models: Callable[[str], Path], root: Path) -> Callable[[str, str], Pa
 
 def load_and_run(arch: str, folder: Path) -> torch.Tensor:
     """Load with no key left over either way; the logits of a short input."""
-    model, info = _auto(arch).from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
+    model, info = auto_class(arch).from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     ids = torch.arange(10).reshape(2, 5) % VOCAB
     with torch.no_grad():

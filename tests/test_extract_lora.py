@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM
 from mergelab.cli import main
 from mergelab.lora import extract, load_adapter
 from mergelab.lora.extract_plan import ExtractOptions
+from mergelab.lora.renames import model_renamer
+from tests.golden.arch_models import ARCHS
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = json.loads((GOLDEN / "extract" / "cases.json").read_text())["cases"]
@@ -139,3 +141,40 @@ def test_gpt2_biases_travel_as_lora_bias(tmp_path: Path) -> None:
     assert config["lora_bias"] is True and config["fan_in_fan_out"] is True
     got, want = peft_merged(base, tmp_path / "ex"), load_state(tuned)
     assert max(float((got[n] - want[n]).abs().max()) for n in want) < 1e-6  # measured 9.7e-8
+
+
+# what an adapter cannot carry, by arch (everything else comes back to float rounding):
+# Qwen2's q/k/v biases (o_proj and the MLP have none, and PEFT's lora_bias is all targets or none),
+# BERT's cls.predictions.bias (a module holding others, its decoder tied to the embeddings),
+# Mixtral's MoE blocks (left out: transformers 5 fuses the experts on load)
+NOT_CARRIED = {"qwen2": r"self_attn\.[qkv]_proj\.bias", "bert": r"^cls\.predictions\.bias$", "mixtral": r"\.mlp\.(experts|gate)"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_round_trips_through_peft(arch: str, tmp_path: Path) -> None:
+    """Full rank, default options: PEFT loads the adapter on the base (transformers' names: GPT-NeoX's
+    embed_out is lm_head) and merging it gives the fine-tune back, but for what NOT_CARRIED names."""
+    import re
+
+    from tests.golden.arch_models import auto_class, build, fuse_experts
+    from tests.helpers import load_state
+
+    models = build(arch, tmp_path)
+    options = ExtractOptions(exclude=("block_sparse_moe",) if arch == "mixtral" else ())
+    extract(models["base"], models["a"], tmp_path / "ex", options=options, progress=False)
+    model = auto_class(arch).from_pretrained(models["base"], dtype=torch.float32)
+    got = PeftModel.from_pretrained(model, tmp_path / "ex").merge_and_unload().state_dict()
+    rename = model_renamer(json.loads((models["a"] / "config.json").read_text()))
+    state = load_state(models["a"])
+    want = {rename(n): t for n, t in (fuse_experts(state) if arch == "mixtral" else state).items()}
+    gap = re.compile(NOT_CARRIED.get(arch, "^$"))
+    differ = {n for n, t in want.items() if float((got[n] - t).abs().max()) > 1e-6}
+    assert differ == {n for n in want if gap.search(n)}
+
+
+def test_fused_moe_blocks_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.golden.arch_models import build
+
+    models = build("mixtral", tmp_path)
+    assert main(["extract-lora", str(models["base"]), str(models["a"]), str(tmp_path / "ex")]) == 2
+    assert "-e 'block_sparse_moe'" in capsys.readouterr().err

@@ -16,7 +16,9 @@ subtracts in the checkpoint dtype: over bfloat16 checkpoints mergelab subtracts 
 Embedding tables (W (vocab, dim)) and GPT-2's Conv1D (W (in, out)) are decomposed transposed.
 A module with no singular value above `sv_epsilon` gets no factors. Changed biases of the
 targets travel as `lora_B.bias` (`lora_bias: true`) when every target has a bias; else they are
-named in a warning, with every other change the adapter does not carry.
+named in a warning, with every other change the adapter does not carry. Names are those of the
+model the installed transformers builds (`renames.py`: GPT-NeoX's `embed_out` is `lm_head`);
+blocks transformers fuses on load (Mixtral's experts) are refused, to be left out with `-e`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from mergelab.errors import RecipeError
 from mergelab.execute import resolve_device
 from mergelab.lora.adapter import LoraAdapter, LoraModule, commit_adapter, unit_scale_config
 from mergelab.lora.extract_plan import ExtractionPlan, ExtractOptions, Kind, module_names, plan_extraction
+from mergelab.lora.renames import fused_blocks, module_renamer
 from mergelab.writer import OutputFolder
 
 log = logging.getLogger(__name__)
@@ -52,12 +55,12 @@ def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out
     b, ft = Checkpoint(base), Checkpoint(finetuned)
     try:
         plan = plan_extraction(b, ft, options)
+        _check_unfused(plan, ft)
         if not plan.lora and not plan.full:
             raise RecipeError(f"{finetuned}: nothing to extract (no module differs from the base, or the include/exclude patterns leave none)")
         transposed = b.config.get("model_type") in CONV1D_MODEL_TYPES
         modules, errors = _factorize(b, ft, plan, options, transposed, dev, progress)
-        full = {f"{m}.{p}": ft.read(f"{m}.{p}") for m in plan.full for p in _params(ft, m)}
-        adapter = LoraAdapter(None, _config(plan, modules, ft, options, transposed, Path(base)), modules, full)
+        adapter = _adapter(plan, modules, ft, transposed, Path(base))
     finally:
         b.close()
         ft.close()
@@ -71,6 +74,16 @@ def _check(options: ExtractOptions) -> None:
         raise RecipeError(f"--max-rank: must be a positive integer, got {options.max_rank}")
     if options.sv_epsilon < 0:
         raise RecipeError(f"--sv-epsilon: must be >= 0, got {options.sv_epsilon}")
+
+
+def _check_unfused(plan: ExtractionPlan, ft: Checkpoint) -> None:
+    """Refuse modules in blocks that transformers fuses on load (MoE experts): PEFT cannot address them."""
+    blocks = fused_blocks(ft.config, list(ft.tensors))
+    hit = next((m for m in [*plan.lora, *plan.full] for blk in blocks if m.startswith(f"{blk}.")), None)
+    if hit is not None:
+        leaf = blocks[0].rpartition(".")[2]
+        raise RecipeError(f"{ft.path}: '{hit}' is in a block transformers fuses on load ({blocks[0]}: experts stacked into one "
+                          f"tensor), which a PEFT adapter cannot address; leave those blocks out with -e '{leaf}'")
 
 
 def _factorize(base: Checkpoint, ft: Checkpoint, plan: ExtractionPlan, options: ExtractOptions, transposed: bool,
@@ -122,17 +135,21 @@ def _params(ckpt: Checkpoint, module: str) -> list[str]:
     return [n.rpartition(".")[2] for n in ckpt.tensors if n.rpartition(".")[0] == module]
 
 
-def _config(plan: ExtractionPlan, modules: dict[str, LoraModule], ft: Checkpoint, options: ExtractOptions,
-            transposed: bool, base: Path) -> dict:
-    """PEFT's LoraConfig defaults, targeting the factored modules, with the full ones in modules_to_save."""
+def _adapter(plan: ExtractionPlan, modules: dict[str, LoraModule], ft: Checkpoint, transposed: bool, base: Path) -> LoraAdapter:
+    """The adapter under the names of the model transformers loads (`renames.py`), with PEFT's
+    LoraConfig defaults, the factored modules as targets and the full ones in modules_to_save."""
     from peft import LoraConfig
 
+    rename = module_renamer(ft.config)
+    targets = [rename(t) for t in module_names(ft, list(modules))] if modules else []
+    full = {f"{rename(m)}.{p}": ft.read(f"{m}.{p}") for m in plan.full for p in _params(ft, m)}
+    modules = {rename(n): replace(m, name=rename(n)) for n, m in modules.items()}
     rank = max((m.rank for m in modules.values()), default=1)
-    targets = module_names(ft, list(modules)) if modules else []
     lora_bias = any(m.bias is not None for m in modules.values())
     template = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, fan_in_fan_out=transposed,
-                          modules_to_save=list(plan.full) or None, lora_bias=lora_bias).to_dict()
-    return unit_scale_config(template, modules, str(base.resolve()), targets=targets)
+                          modules_to_save=[rename(m) for m in plan.full] or None, lora_bias=lora_bias).to_dict()
+    config = unit_scale_config(template, modules, str(base.resolve()), targets=targets)
+    return LoraAdapter(None, config, modules, full)
 
 
 def _report(plan: ExtractionPlan, modules: dict[str, LoraModule], errors: dict[str, float]) -> None:

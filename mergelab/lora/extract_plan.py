@@ -77,7 +77,17 @@ def plan_extraction(base: Checkpoint, ft: Checkpoint, options: ExtractOptions) -
                 plan.resized.append(module)
         elif changed:
             plan.dropped.append(module)
+    _drop_parents(plan, _modules(ft))
     return plan
+
+
+def _drop_parents(plan: ExtractionPlan, modules: dict[str, list[str]]) -> None:
+    """A module that holds other modules cannot be saved in full from its own tensors: PEFT saves and
+    loads a module_to_save whole, children (and tied weights) included. BERT's `cls.predictions`
+    (its bias, around `transform` and the decoder tied to the embeddings) is the case: dropped, named."""
+    parents = [m for m in plan.full if any(o.startswith(f"{m}.") for o in modules)]
+    plan.full = [m for m in plan.full if m not in parents]
+    plan.dropped.extend(parents)
 
 
 def module_names(ft: Checkpoint, names: list[str]) -> list[str]:

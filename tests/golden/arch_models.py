@@ -145,6 +145,12 @@ def layer_count(config: dict) -> int:
     return config["n_layer"] if "n_layer" in config else config["num_hidden_layers"]
 
 
+def auto_class(arch: str) -> type:
+    """The transformers Auto class that loads `arch` with its head."""
+    name = "AutoModelForSeq2SeqLM" if arch in SEQ2SEQ else "AutoModelForMaskedLM" if arch in ENCODERS else "AutoModelForCausalLM"
+    return getattr(transformers, name)
+
+
 def golden_dir() -> Path:
     return Path(__file__).resolve().parent / "archs"
 
