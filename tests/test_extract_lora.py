@@ -178,3 +178,27 @@ def test_fused_moe_blocks_are_refused(tmp_path: Path, capsys: pytest.CaptureFixt
     models = build("mixtral", tmp_path)
     assert main(["extract-lora", str(models["base"]), str(models["a"]), str(tmp_path / "ex")]) == 2
     assert "-e 'block_sparse_moe'" in capsys.readouterr().err
+
+
+def test_resized_vocabulary_saves_embeddings_and_head_in_full(models: dict[str, Path], tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A fine-tune with 4 added tokens: embeddings and head in full even with --embed-lora (as mergekit);
+    PEFT loads it on the base once its embeddings are resized, and gives the fine-tune back."""
+    from safetensors.torch import save_file
+
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    state = load_file(str(models["a"] / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = torch.cat([state[name], 0.1 * torch.randn(4, state[name].shape[1], generator=torch.Generator().manual_seed(3))])
+    save_file(state, str(tuned / "model.safetensors"))
+    config = json.loads((models["a"] / "config.json").read_text())
+    (tuned / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 4}))
+    extract(models["base"], tuned, tmp_path / "ex", options=ExtractOptions(max_rank=64, embed_lora=True), progress=False)
+    assert "vocabulary differs" in caplog.text
+    adapter = load_adapter(tmp_path / "ex")
+    assert adapter.full["model.embed_tokens.weight"].shape[0] == config["vocab_size"] + 4 and "lm_head" not in adapter.modules
+    model = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.float32)
+    model.resize_token_embeddings(config["vocab_size"] + 4)
+    got = PeftModel.from_pretrained(model, tmp_path / "ex").merge_and_unload().state_dict()
+    assert max(float((got[n] - t).abs().max()) for n, t in state.items()) < 1e-6
