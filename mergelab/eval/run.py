@@ -9,9 +9,8 @@ from mergelab.errors import DataError
 from mergelab.eval.data import TaskSplit, load_task, read_jsonl, tasks_root
 from mergelab.eval.lm_eval_bridge import lm_eval_score, zoo_task_folder
 from mergelab.eval.models import load_model
-from mergelab.eval.scorers import METRICS, Score, score
-
-LM_EVAL = "lm-eval"
+from mergelab.eval.scorers import Score, score
+from mergelab.metrics import LM_EVAL, example_metrics, get_metric
 
 
 def find_zoo(model_dir: str | Path) -> Path | None:
@@ -36,16 +35,17 @@ def evaluate(
     """Load `model_dir` and score it on `task`.
 
     `task` is a zoo skill (tasks of `zoo`, or of the zoo `model_dir` sits in), a JSONL file,
-    or an lm-eval task (a name or a local task folder). `metric` is "accuracy" (default for zoo
-    skills and files), "nll", or "lm-eval" (default otherwise; for a zoo skill it runs the
-    shipped lm-eval task on the skill's test split).
+    or an lm-eval task (a name or a local task folder). `metric` is a name of the registry
+    (`mergelab.metrics`): "accuracy" (default for zoo skills and files), "nll", "prob", or
+    "lm-eval" (default otherwise; for a zoo skill it runs the shipped lm-eval task on the
+    skill's test split).
     """
-    if metric is not None and metric not in (*METRICS, LM_EVAL):
-        raise DataError(f"unknown metric {metric!r}; choose one of: {', '.join((*METRICS, LM_EVAL))}")
+    if metric is not None:
+        get_metric(metric)  # a one-line error naming the known ones
     root = Path(zoo) if zoo is not None else find_zoo(model_dir)
     is_skill = root is not None and (tasks_root(root) / task).is_dir()
     is_file = Path(task).is_file()
-    if metric in METRICS and not (is_skill or is_file):
+    if metric in example_metrics() and not (is_skill or is_file):
         where = f"in {tasks_root(root)}" if root is not None else "(no zoo found; pass --zoo DIR)"
         raise DataError(f"no task {task!r} {where}; give a zoo skill, a JSONL file, or use --metric lm-eval")
     model, tokenizer = load_model(model_dir)

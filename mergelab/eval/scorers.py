@@ -1,4 +1,4 @@
-"""Score a model held in memory on a task split: exact-match accuracy or answer NLL.
+"""Score a model held in memory on a task split: the causal scorers of `mergelab.metrics`.
 
 Both work on any causal LM module called as `model(input_ids=, attention_mask=, position_ids=,
 past_key_values=, use_cache=)` that returns an object with `.logits` (batch, time, vocab) and,
@@ -12,13 +12,16 @@ a test double. Nothing is read from disk and the model is not copied.
   signal: it moves with every weight change, where accuracy moves in steps of 1/n.
 - `prob`: mean probability of the whole answer given the prompt (the same forward pass): the
   exact-match accuracy of sampling, smooth like NLL and bounded like accuracy.
+
+`score` scores any metric of the registry on a task split, with the model's scorer (causal, or
+seq2seq from `seq2seq.py`), timed.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -26,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from mergelab.errors import DataError
 from mergelab.eval.data import Example, TaskSplit
 from mergelab.eval.encode import encode_prompts, encode_teacher_forced, special_ids
+from mergelab.metrics import get_metric
 
 T = TypeVar("T")
 
@@ -159,9 +163,6 @@ def exact_match_accuracy(
     return sum(g == e.answer for g, e in zip(got, examples)) / len(examples)
 
 
-METRICS: dict[str, Callable[..., float]] = {"accuracy": exact_match_accuracy, "nll": answer_nll, "prob": answer_prob}
-
-
 def score(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -169,16 +170,18 @@ def score(
     metric: str = "nll",
     batch_size: int = 256,
 ) -> Score:
-    """Score an in-memory model on `task` with `metric` ("nll" or "accuracy"), timed."""
-    if metric not in METRICS:
-        raise DataError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
+    """Score an in-memory model on `task` with `metric` (a registry name scored on examples), timed."""
+    entry = get_metric(metric)
+    if not entry.on_examples:
+        raise DataError(f"metric {metric!r} is not scored on a task's examples; use lm_eval_score")
+    scorer = entry.scorer_for(model)
     if not task.examples:
         raise DataError(f"task {task.name!r} split {task.split!r} has no examples")
     was_training = model.training
     model.eval()
     try:
         start = time.perf_counter()
-        value = METRICS[metric](model, tokenizer, task.examples, batch_size)
+        value = scorer(model, tokenizer, task.examples, batch_size)
         seconds = time.perf_counter() - start
     finally:
         model.train(was_training)

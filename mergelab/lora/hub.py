@@ -44,7 +44,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -55,9 +55,7 @@ from peft import PeftConfig, inject_adapter_in_model
 from transformers import PreTrainedTokenizerBase
 
 from mergelab.errors import CheckpointError, RecipeError
-from mergelab.eval import Example, TaskSplit, load_tokenizer, score
-from mergelab.eval.encode import special_ids
-from mergelab.eval.scorers import answer_nll
+from mergelab.eval import Example, load_tokenizer, score
 from mergelab.evolve.optimizer import make_optimizer
 from mergelab.evolve.workers import Done, WorkerPool, ask_tell
 from mergelab.execute import resolve_device
@@ -65,6 +63,7 @@ from mergelab.lora.adapter import LoraAdapter, load_adapter, save_adapter, unit_
 from mergelab.lora.compose import linear_factors as linear_rule
 from mergelab.lora.compose import combine
 from mergelab.lora.hub_job import HubJob
+from mergelab.metrics import get_metric
 from mergelab.writer import OutputFolder
 
 log = logging.getLogger(__name__)
@@ -148,11 +147,7 @@ def check_fits(model: torch.nn.Module, adapter: LoraAdapter, base: Path) -> None
                                   f"the base model {base} has {list(weight.shape)}; was the adapter trained on another base?")
 
 
-# ---------------------------------------------------------------- the loss, causal or seq2seq
-def is_seq2seq(model: torch.nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
+# ---------------------------------------------------------------- the base and the loss (the registry's nll, causal or seq2seq)
 def load_base(base: Path) -> torch.nn.Module:
     """The base model, as a seq2seq LM when its config is encoder-decoder, else a causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -163,62 +158,9 @@ def load_base(base: Path) -> torch.nn.Module:
 
 def answer_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
                 batch_size: int = 256) -> float:
-    """Mean CE (nats per answer token, <eos> included) of the answers given the prompts."""
-    if is_seq2seq(model):
-        return seq2seq_nll(model, tokenizer, examples, batch_size)
-    return answer_nll(model, tokenizer, examples, batch_size)
-
-
-def encode_seq2seq(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-    """Prompts as encoder input, `answer + <eos>` as decoder labels (padding is -100: not scored)."""
-    _, eos = special_ids(tokenizer)
-    enc = tokenizer([e.prompt for e in examples], padding=True, return_tensors="pt")
-    answers = [[*a, eos] for a in tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]]
-    width = max(len(a) for a in answers)
-    labels = torch.tensor([a + [-100] * (width - len(a)) for a in answers])  # (batch, answer time)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
-
-
-def _seq2seq_batches(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
-                     batch_size: int) -> Iterator[tuple[Sequence[Example], dict[str, torch.Tensor]]]:
-    """Consecutive chunks of `examples`, each with its `encode_seq2seq` tensors on the model's device."""
-    device = next(model.parameters()).device
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        yield chunk, {k: v.to(device) for k, v in encode_seq2seq(tokenizer, chunk).items()}
-
-
-@torch.inference_mode()
-def seq2seq_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
-                batch_size: int = 256) -> float:
-    """Mean NLL per answer token of a seq2seq model (the model's own label loss, pooled over batches)."""
-    total, count = 0.0, 0
-    for _, batch in _seq2seq_batches(model, tokenizer, examples, batch_size):
-        n = int((batch["labels"] != -100).sum())
-        total += float(model(**batch).loss) * n  # the loss is the mean over the n answer tokens
-        count += n
-    return total / count
-
-
-@torch.inference_mode()
-def seq2seq_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
-                     batch_size: int = 256) -> float:
-    """Fraction of greedy decodings (up to <eos>) equal to the expected answer."""
-    right = 0
-    for chunk, batch in _seq2seq_batches(model, tokenizer, examples, batch_size):
-        longest = batch["labels"].shape[1]  # the longest answer and its <eos>
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             max_new_tokens=longest, do_sample=False, num_beams=1)
-        got = tokenizer.batch_decode(out, skip_special_tokens=True)
-        right += sum(g == e.answer for g, e in zip(got, chunk))
-    return right / len(examples)
-
-
-def report_score(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: TaskSplit, metric: str) -> float:
-    """`metric` on `task`: the zoo scorers for a causal LM, their seq2seq counterparts otherwise."""
-    if not is_seq2seq(model):
-        return score(model, tokenizer, task, metric).value
-    return {"accuracy": seq2seq_accuracy, "nll": seq2seq_nll}[metric](model, tokenizer, task.examples)
+    """Mean CE (nats per answer token, <eos> included) of the answers given the prompts: the
+    registry's `nll` with the model's scorer (causal or seq2seq)."""
+    return get_metric("nll").scorer_for(model)(model, tokenizer, examples, batch_size)
 
 
 # ---------------------------------------------------------------- the evaluator (one per worker)
@@ -250,7 +192,7 @@ class HubEvaluator:
         task = self.job.report
         if task is not None:
             for metric in self.job.metrics:
-                out[f"{task.name}/{metric}"] = report_score(self.model, self.tokenizer, task, metric)
+                out[f"{task.name}/{metric}"] = score(self.model, self.tokenizer, task, metric).value
         return out
 
 
