@@ -35,8 +35,8 @@ def genomes(space, n: int, seed: int) -> list[dict]:
 
 
 def pooled(job, gs: list[dict], count: int) -> tuple[float, float, list[dict]]:
-    from mergelab.evolve.loop import SearchEvaluator
-    from mergelab.evolve.workers import WorkerPool
+    from mergelab.blackbox.pool import WorkerPool
+    from mergelab.evolve.evaluator import SearchEvaluator
 
     start = time.perf_counter()
     with WorkerPool(partial(SearchEvaluator, job, "cpu"), count) as pool:
@@ -56,11 +56,10 @@ def naive(job, gs: list[dict]) -> float:
     from transformers import AutoModelForCausalLM
 
     from mergelab.eval import load_tokenizer
-    from mergelab.evolve.fitness import measure, term_data
-    from mergelab.evolve.space import SearchSpace
+    from mergelab.evolve.scoring import measure, term_data
     from mergelab.merging import merge
 
-    space, terms = SearchSpace(job), term_data(job, "fitness")
+    space, terms = job.space, term_data(job.fitness, "fitness")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for i, g in enumerate(gs):
@@ -82,11 +81,10 @@ def main() -> None:
     import ray
 
     from mergelab.evolve.job import load_job
-    from mergelab.evolve.space import SearchSpace
 
     torch.set_num_threads(1)  # as each worker; the 2-worker run uses both cores
     job = load_job(args.job)
-    gs = genomes(SearchSpace(job), args.candidates, args.seed)
+    gs = genomes(job.space, args.candidates, args.seed)
     rows = []
     naive_s = naive(job, gs[: args.naive])
     rows.append(("naive: merge to disk, from_pretrained, score", None, args.naive * 60 / naive_s))
@@ -96,7 +94,7 @@ def main() -> None:
     setup2, s2, _ = pooled(job, gs, 2)
     ray.shutdown()
     rows.append(("2 workers (Ray actors)", setup2, len(gs) * 60 / s2))
-    split = {k: statistics.median(r["seconds"][k] for r in res if r["error"] is None) for k in ("merge", "load", "eval")}
+    split = {k: statistics.median(r.seconds[k] for r in res if r.error is None) for k in ("merge", "load", "eval")}
     print(f"job {args.job}: {args.candidates} candidates ({args.naive} naive), {sys.platform}, {torch.get_num_threads()} thread(s) each")
     print("| mode | start-up s | candidates / min | vs naive |\n|---|---|---|---|")
     base = rows[0][2]

@@ -1,6 +1,8 @@
 """mergelab: merge language models, search merge recipes by evolution, compose LoRA adapters.
 
-The merge flow is `recipe -> plan -> execute -> writer`; see `mergelab.merge`.
+The merge flow is `recipe -> plan -> execute -> writer`; see `mergelab.merge`. The two searches
+(`evolve/`: merge recipes, `lora/hub*`: LoraHub weights) both run on `blackbox/` (optimizer,
+worker pool, ask/tell) and score with the metric registry (`metrics.py`, scorers in `eval/`).
 """
 
 from __future__ import annotations

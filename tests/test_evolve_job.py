@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from mergelab.errors import RecipeError
-from mergelab.evolve.job import load_job, parse_job, parse_split
-from mergelab.evolve.space import SearchSpace
+from mergelab.blackbox.spec import parse_split
+from mergelab.evolve.job import load_job, parse_job
 from mergelab.plan import make_plan
 from tests.helpers import make_family
 
@@ -61,16 +61,16 @@ def job_with(world: Path, edit: dict | None = None, **top: object):
 
 def test_valid_job_resolves_bounds_starts_and_defaults(world: Path) -> None:
     job = job_with(world)
-    dims = {d.key: d for d in job.dimensions}
+    dims = {d.key: d for d in job.space.dimensions}
     assert list(dims) == ["models[0].weight", "models[0].density", "models[1].density", "global.lambda"]
     assert (dims["models[0].weight"].low, dims["models[0].weight"].high, dims["models[0].weight"].start) == (0.0, 1.5, (0.6,))
     # bounds from the method's Param; the template's gradient [0.2, 0.8] read at 3 group positions
     assert (dims["models[0].density"].low, dims["models[0].density"].high) == (0.0, 1.0)
     assert dims["models[0].density"].start == pytest.approx((0.2, 0.5, 0.8))
     assert dims["models[1].density"].start == (0.7,)
-    assert job.experts == (world / "models" / "add", world / "models" / "sort")
-    assert job.splits["fitness"] == parse_split("validation[0:100]", "x")
-    assert job.methods == ("ties",)
+    assert tuple(t.expert for t in job.fitness.terms) == (world / "models" / "add", world / "models" / "sort")
+    assert job.fitness.splits["fitness"] == parse_split("validation[0:100]", "x")
+    assert job.space.methods == ("ties",)
 
 
 def test_job_file_with_recipe_path(world: Path) -> None:
@@ -118,33 +118,36 @@ def test_normalising_by_experts_needs_an_expert(world: Path) -> None:
 def test_short_form_names_only_models_and_skills(world: Path) -> None:
     """models + base_model + bare skill names: task arithmetic from the average, every model's
     weight per layer group searched in [0, DEFAULT_HIGH], terms with the default metric."""
+    from mergelab.evolve import dimensions
     from mergelab.evolve import job as job_module
 
     data = {"base_model": "models/base", "models": ["models/add", "models/sort"], "fitness": {"tasks": "tasks", "terms": ["add", "sort"]}}
     job = parse_job(data, world, "short.yaml")
     assert job.template.merge_method == job_module.DEFAULT_METHOD
     assert [m.parameters for m in job.template.models] == [{"weight": 0.5}, {"weight": 0.5}]
-    assert [(d.key, d.groups, d.low, d.high, d.start) for d in job.dimensions] == [
-        (f"models[{i}].weight", job_module.DEFAULT_GROUPS, 0.0, job_module.DEFAULT_HIGH, (0.5,) * job_module.DEFAULT_GROUPS)
+    assert [(d.key, d.groups, d.low, d.high, d.start) for d in job.space.dimensions] == [
+        (f"models[{i}].weight", dimensions.DEFAULT_GROUPS, 0.0, dimensions.DEFAULT_HIGH, (0.5,) * dimensions.DEFAULT_GROUPS)
         for i in range(2)]
-    assert [t.task for t in job.spec.fitness.terms] == ["add", "sort"] and job.experts == (world / "models" / "add", world / "models" / "sort")
+    assert [(t.task, t.metric.name) for t in job.fitness.terms] == [("add", "prob"), ("sort", "prob")]
+    assert tuple(t.expert for t in job.fitness.terms) == (world / "models" / "add", world / "models" / "sort")
+    assert (job.fitness.normalize, job.fitness.goal) == ("gap", "minimize")
     with pytest.raises(RecipeError, match=r"^short.yaml: give recipe: \(a template recipe\), or models: and base_model:"):
         parse_job({**data, "base_model": None}, world, "short.yaml")
 
 
 def test_optimizer_options_configure_a_nevergrad_family(world: Path) -> None:
-    from mergelab.evolve.optimizer import make_optimizer
+    from mergelab.blackbox.optimizer import make_optimizer
 
     job = job_with(world, optimizer={"name": "ParametrizedCMA", "budget": 8, "seed": 0, "options": {"scale": 0.5, "popsize": 6}})
-    opt = make_optimizer(job.spec.optimizer.name, job.spec.optimizer.options, SearchSpace(job).parametrization(seed=0), 8, 1)
+    opt = make_optimizer(job.optimizer.name, job.optimizer.options, job.space.parametrization(seed=0), 8, 1)
     assert opt._config.scale == 0.5 and opt._config.popsize == 6  # nevergrad's own configured CMA
     twin = job_with(world, optimizer={"name": "TwoPointsDE", "budget": 8, "options": {"popsize": 12}})
-    assert make_optimizer("TwoPointsDE", twin.spec.optimizer.options, SearchSpace(twin).parametrization(), 8, 1).llambda == 12
+    assert make_optimizer("TwoPointsDE", twin.optimizer.options, twin.space.parametrization(), 8, 1).llambda == 12
 
 
 # ---------------------------------------------------------------- genome <-> recipe
 def test_start_genome_is_the_template(world: Path) -> None:
-    space = SearchSpace(job_with(world))
+    space = job_with(world).space
     recipe = space.to_recipe(space.start())
     assert recipe.models[0].parameters["density"] == pytest.approx([0.2, 0.5, 0.8])
     assert recipe.models[1].parameters == {"weight": 0.4, "density": 0.7}
@@ -153,7 +156,7 @@ def test_start_genome_is_the_template(world: Path) -> None:
 
 
 def test_sampled_genomes_round_trip_through_recipes(world: Path) -> None:
-    space = SearchSpace(job_with(world))
+    space = job_with(world).space
     param = space.parametrization(seed=0)
     for _ in range(5):
         genome = space.from_ng(param.sample().value)
@@ -172,41 +175,58 @@ def test_sampled_genomes_round_trip_through_recipes(world: Path) -> None:
 
 
 def test_start_parametrization_value_is_the_start_genome(world: Path) -> None:
-    space = SearchSpace(job_with(world))
+    space = job_with(world).space
     assert space.from_ng(space.parametrization().value) == space.start()
 
 
 def test_method_choice_drops_parameters_the_other_method_lacks(world: Path) -> None:
     job = job_with(world, methods=["ties", "task_arithmetic", "dare_ties"])
-    space = SearchSpace(job)
+    space = job.space
     genome = {**space.start(), "method": "task_arithmetic"}
     recipe = space.to_recipe(genome)
     assert recipe.merge_method == "task_arithmetic"
     assert recipe.models[1].parameters == {"weight": 0.4}  # density dropped: task_arithmetic has none
     make_plan(recipe).close()
     methods = {space.from_ng(space.parametrization(seed=s).sample().value)["method"] for s in range(12)}
-    assert methods <= set(job.methods) and len(methods) > 1
+    assert methods <= set(job.space.methods) and len(methods) > 1
 
 
 def test_fitness_normalisations_by_hand(world: Path) -> None:
     """gap: (m - expert) / (base - expert); experts: m / expert; summed over the terms (weights 1)."""
     from mergelab.errors import DataError
-    from mergelab.evolve.fitness import check_gap, combine, make_reference
+    from mergelab.evolve.fitness import make_reference
 
     metrics = {"add/nll": 0.6, "sort/nll": 0.07}
     experts, base = {"add/nll": 0.4, "sort/nll": 0.02}, {"add/nll": 0.8, "sort/nll": 0.12}
     gap = job_with(world, {"fitness.normalize": "gap"})
-    assert gap.base == world / "models" / "base"
-    assert combine(gap, metrics, make_reference("gap", experts, base)) == pytest.approx(0.2 / 0.4 + 0.05 / 0.1)
+    assert gap.fitness.base == world / "models" / "base"
+    assert gap.fitness.loss(metrics, make_reference("gap", experts, base)) == pytest.approx(0.2 / 0.4 + 0.05 / 0.1)
     ratio = job_with(world, {"fitness.normalize": "experts"})
-    assert combine(ratio, metrics, make_reference("experts", experts)) == pytest.approx(0.6 / 0.4 + 0.07 / 0.02)
+    assert ratio.fitness.loss(metrics, make_reference("experts", experts)) == pytest.approx(0.6 / 0.4 + 0.07 / 0.02)
     # accuracy under gap is still a loss: the share of the expert's gain lost, 0 at the expert
     acc = job_with(world, {"fitness.normalize": "gap",
                            "fitness.terms": [{"task": "add", "metric": "accuracy"}, {"task": "sort", "metric": "nll"}]})
     ref = make_reference("gap", {"add/accuracy": 0.9, "sort/nll": 0.02}, {"add/accuracy": 0.1, "sort/nll": 0.12})
-    assert combine(acc, {"add/accuracy": 0.7, "sort/nll": 0.02}, ref) == pytest.approx(0.25)
+    assert acc.fitness.loss({"add/accuracy": 0.7, "sort/nll": 0.02}, ref) == pytest.approx(0.25)
     with pytest.raises(DataError, match="add/nll: the expert .* is no better than the base"):
-        check_gap(make_reference("gap", {"add/nll": 0.9}, {"add/nll": 0.8}), "job.yaml")
+        gap.fitness.check_gap(make_reference("gap", {"add/nll": 0.9, "sort/nll": 0.02}, {"add/nll": 0.8, "sort/nll": 0.12}), "job.yaml")
+    with pytest.raises(DataError, match="add/accuracy: the expert .* is no better than the base"):  # higher is better
+        acc.fitness.check_gap(make_reference("gap", {"add/accuracy": 0.1, "sort/nll": 0.02}, {"add/accuracy": 0.9, "sort/nll": 0.12}), "j")
     with pytest.raises(RecipeError, match="normalize: gap .* has no base_model"):
         job_with(world, {"fitness.normalize": "gap", "recipe.merge_method": "linear", "recipe.base_model": None,
                          "search": JOB["search"][:1]})
+
+
+def test_goal_follows_the_registry_directions(world: Path) -> None:
+    """Without normalisation the goal is minimize for lower-is-better metrics, maximize for higher;
+    mixed directions need an explicit goal; an unknown metric is a one-line error."""
+    def goal(*metrics: str) -> str:
+        terms = [{"task": t, "metric": m} for t, m in zip(("add", "sort"), metrics)]
+        return job_with(world, {"fitness.terms": terms, "fitness.normalize": "none"}).fitness.goal
+
+    assert (goal("nll", "nll"), goal("prob", "accuracy")) == ("minimize", "maximize")
+    with pytest.raises(RecipeError, match="fitness.goal: the terms mix metrics where lower is better"):
+        goal("nll", "accuracy")
+    with pytest.raises(RecipeError, match=r"^job.yaml: fitness.terms\[0\].metric: unknown metric 'bleu'; choose one of: "
+                                          r"accuracy, nll, prob, lm-eval$"):
+        goal("bleu", "nll")

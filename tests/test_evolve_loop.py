@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
+from mergelab.blackbox.loop import WORST
 from mergelab.evolve import loop
-from mergelab.evolve.fitness import combine
+from mergelab.evolve.evaluator import SearchEvaluator
 from mergelab.evolve.job import load_job
 from mergelab.merging import merge
 from tests.helpers import load_state
@@ -49,8 +50,8 @@ def test_search_improves_resumes_and_best_yaml_reproduces(tmp_path: Path, zoo_di
 
     # resume: the 4 told trials are replayed, only the 3 new ones are evaluated
     evaluated: list[dict] = []
-    original = loop.SearchEvaluator.evaluate
-    monkeypatch.setattr(loop.SearchEvaluator, "evaluate", lambda self, g: evaluated.append(g) or original(self, g))
+    original = SearchEvaluator.evaluate
+    monkeypatch.setattr(SearchEvaluator, "evaluate", lambda self, g: evaluated.append(g) or original(self, g))
     job = catalog_job(tmp_path, zoo_dir, 7, start=0.05)
     result = loop.run_search(job, run, resume=True, progress=False)
     assert len(evaluated) == 3 and [t.index for t in loop.read_trials(run)] == list(range(7))
@@ -60,8 +61,8 @@ def test_search_improves_resumes_and_best_yaml_reproduces(tmp_path: Path, zoo_di
 
     # the search beat its start on the fitness split by a margin (the loss is the share of each
     # expert's NLL gain over the base that is lost, summed over the two skills: about 2 at the start)
-    evaluator = loop.SearchEvaluator(job, "cpu")
-    start_loss = combine(job, evaluator.score(evaluator.space.start(), "fitness"), evaluator.reference("fitness"))
+    evaluator = SearchEvaluator(job, "cpu")
+    start_loss = job.fitness.loss(evaluator.score(evaluator.space.start(), "fitness"), evaluator.reference("fitness"))
     trials = loop.read_trials(run)
     assert start_loss > 1.5 and min(t.loss for t in trials) < start_loss - 0.02
     assert first.best_yaml == result.best_yaml and set(result.report) >= {"best", "start"}
@@ -74,7 +75,7 @@ def test_search_improves_resumes_and_best_yaml_reproduces(tmp_path: Path, zoo_di
 
 
 def test_failed_and_nan_candidates_are_scored_worst_and_logged(tmp_path: Path, zoo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = loop.SearchEvaluator.score_timed
+    original = SearchEvaluator.score_timed
     calls = {"n": 0}
 
     def flaky(self, genome, use):
@@ -86,11 +87,11 @@ def test_failed_and_nan_candidates_are_scored_worst_and_logged(tmp_path: Path, z
             metrics = {k: float("nan") for k in metrics}
         return metrics, seconds
 
-    monkeypatch.setattr(loop.SearchEvaluator, "score_timed", flaky)
+    monkeypatch.setattr(SearchEvaluator, "score_timed", flaky)
     loop.run_search(catalog_job(tmp_path, zoo_dir, 4), tmp_path / "run", progress=False)
     trials = loop.read_trials(tmp_path / "run")
     assert [t.error for t in trials][1:3] == ["RuntimeError: boom: out of memory", "fitness is NaN"]
-    assert [t.loss for t in trials][1:3] == [loop.WORST, loop.WORST] and trials[0].error is None
+    assert [t.loss for t in trials][1:3] == [WORST, WORST] and trials[0].error is None
 
 
 def test_cli_search_with_two_ray_workers_then_report(tmp_path: Path, zoo_dir: Path) -> None:
@@ -130,14 +131,15 @@ def test_lm_eval_fitness_terms(tmp_path: Path, zoo_dir: Path) -> None:
         {"task": f"../lm_eval/{skill}", "metric": "lm-eval", "lm_eval_metric": "exact_match", "limit": 6} for skill in ("back", "sort")]}
     data["splits"] = {"fitness": "validation[0:6]", "select": "validation[6:12]", "report": "validation[12:20]"}
     job = parse_job(data, job.path.parent, "lm.yaml", job.path)
-    evaluator = loop.SearchEvaluator(job, "cpu")
+    evaluator = SearchEvaluator(job, "cpu")
     got = evaluator.score(evaluator.space.start(), "select")
     test = {s: load_task(zoo_dir, s, "test") for s in ("back", "sort")}  # the zoo lm-eval task evaluates its test split
     for skill in ("back", "sort"):
         docs = type(test[skill])(skill, "test", test[skill].examples[6:12])
         assert got[f"../lm_eval/{skill}/lm-eval"] == pytest.approx(score(evaluator.live.model, evaluator.tokenizer, docs, "accuracy").value)
     result = loop.run_search(job, tmp_path / "run_lm", progress=False)
-    assert combine(job, result.best.metrics, None) == pytest.approx(-sum(result.best.metrics.values()))  # maximised
+    assert job.fitness.goal == "maximize"  # lm-eval metrics: higher is better (the registry)
+    assert job.fitness.loss(result.best.metrics, None) == pytest.approx(-sum(result.best.metrics.values()))
 
     overlapping = {**data, "splits": {"fitness": "validation[0:6]", "select": "validation[6:12]", "report": "test"}}
     with pytest.raises(RecipeError, match=r"fitness.terms\[0\]: splits.fitness and splits.report overlap as document ranges"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mergelab.evolve.job import load_job, normalize_of
+from mergelab.evolve.job import load_job
 from mergelab.merging import merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_example_recipes_merge_and_score(tmp_path: Path, zoo_dir: Path) -> None:
 def test_search_jobs_validate_against_the_zoo(tmp_path: Path, zoo_dir: Path, job: Path) -> None:
     folder = place([job], "search", tmp_path, zoo_dir)
     loaded = load_job(folder / job.name)
-    assert loaded.dimensions and loaded.spec.optimizer.budget > 0
+    assert loaded.space.dimensions and loaded.optimizer.budget > 0
 
 
 def test_the_default_job_runs_as_written(tmp_path: Path, zoo_dir: Path) -> None:
@@ -70,8 +70,8 @@ def test_the_default_job_runs_as_written(tmp_path: Path, zoo_dir: Path) -> None:
     data["splits"] = {"fitness": "validation[0:16]", "select": "validation[16:32]", "report": "test[0:16]"}
     (folder / "evolve.yaml").write_text(yaml.safe_dump(data))
     job = load_job(folder / "evolve.yaml")
-    assert [t.metric for t in job.spec.fitness.terms] == ["prob"] * 3 and len(job.dimensions) == 3
-    assert job.spec.optimizer.name == "NGOpt" and normalize_of(job.spec.fitness) == "gap"
+    assert [t.metric.name for t in job.fitness.terms] == ["prob"] * 3 and len(job.space.dimensions) == 3
+    assert job.optimizer.name == "NGOpt" and job.fitness.normalize == "gap"
     result = run_search(job, tmp_path / "run", progress=False)
     assert len(read_trials(tmp_path / "run")) == 5 and result.best_yaml.is_file()
     assert {"best", "start", "uniform"} <= set(result.report) and result.report["start"] == result.report["uniform"]

@@ -23,8 +23,8 @@ from mergelab.cli import main
 from mergelab.errors import MergelabError
 from mergelab.eval import load_tokenizer
 from mergelab.eval.data import write_jsonl
-from mergelab.lora.hub import HubEvaluator, answer_loss, load_base, run_lorahub
-from mergelab.lora.hub import _optimizer as hub_optimizer
+from mergelab.lora.hub import hub_optimizer, run_lorahub
+from mergelab.lora.hub_evaluator import HubEvaluator, answer_loss, load_base
 from mergelab.lora.hub_job import load_hub_job, parse_hub_job
 
 REPO = Path(__file__).resolve().parents[1]

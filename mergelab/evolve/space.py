@@ -15,22 +15,23 @@ from typing import Any
 
 import numpy as np
 
-from mergelab.evolve.job import Dimension, Job
+from mergelab.blackbox.pool import Genome
+from mergelab.evolve.dimensions import Dimension
 from mergelab.methods import get_method
 from mergelab.methods.base import MergeMethod
 from mergelab.recipe import Recipe, parse_recipe
 
 METHOD = "method"
-Genome = dict[str, Any]
 
 
 class SearchSpace:
-    """Maps genomes of a job to complete recipes."""
+    """Maps genomes to complete recipes: the template, the searched dimensions, the candidate methods
+    (the template's alone when the method is not searched)."""
 
-    def __init__(self, job: Job) -> None:
-        self.job = job
-        self.template = job.template
-        self.dimensions = job.dimensions
+    def __init__(self, template: Recipe, dimensions: tuple[Dimension, ...], methods: tuple[str, ...]) -> None:
+        self.template = template
+        self.dimensions = dimensions
+        self.methods = methods
 
     # ------------------------------------------------------------ nevergrad side
     def parametrization(self, seed: int | None = None) -> Any:
@@ -42,8 +43,8 @@ class SearchSpace:
             p = (ng.p.Scalar(init=d.start[0], lower=d.low, upper=d.high) if d.groups == 1
                  else ng.p.Array(init=np.array(d.start), lower=d.low, upper=d.high))
             params[d.key] = p.set_integer_casting() if d.param.kind is int else p
-        if len(self.job.methods) > 1:
-            params[METHOD] = ng.p.Choice(list(self.job.methods))
+        if len(self.methods) > 1:
+            params[METHOD] = ng.p.Choice(list(self.methods))
         space = ng.p.Dict(**params)
         space.value = self.to_ng(self.start())
         if seed is not None:
@@ -53,7 +54,7 @@ class SearchSpace:
     def to_ng(self, genome: Genome) -> dict[str, Any]:
         """A genome as a value of `parametrization()` (arrays for grouped dimensions)."""
         out = {k: (np.array(v, dtype=float) if isinstance(v, list) else v) for k, v in genome.items()}
-        if len(self.job.methods) <= 1:
+        if len(self.methods) <= 1:
             out.pop(METHOD, None)
         return out
 

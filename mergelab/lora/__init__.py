@@ -5,7 +5,8 @@
     lora.extract("base", "finetuned", "out/adapter", rank=16)   # -> relative error per module (options: ExtractOptions)
 
 In recipes, `model: base+adapter` (or an `adapter:` key) applies an adapter while streaming
-(`apply.AdaptedCheckpoint`).
+(`apply.AdaptedCheckpoint`). LoraHub (`mergelab lorahub`) is `hub_job.py` (the job, resolved) ->
+`hub_evaluator.py` (the live adapter each worker holds) -> `hub.py` (the run, on `mergelab.blackbox`).
 """
 
 from __future__ import annotations

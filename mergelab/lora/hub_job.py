@@ -10,7 +10,9 @@
 
 Paths are relative to the job file. Everything is checked before the base model is loaded
 (adapter folders have a LoRA `adapter_config.json`, the examples have prompts and answers, the
-optimizer exists); each error is one line naming the key path.
+optimizer exists); each error is one line naming the key path. Loading resolves the job once:
+the optimizer's start points (w = 0, then each adapter alone at `high`), the report's metrics
+(registry entries) and the settings the search reads.
 """
 
 from __future__ import annotations
@@ -19,25 +21,22 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, TypeVar, Union
+from typing import Annotated, Callable, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, Field
 
+from mergelab.blackbox.optimizer import OptimizerSpec, check_optimizer
+from mergelab.blackbox.spec import SplitRange, Strict, WorkerSpec, check_device, load_job_file, parse_split, validated
 from mergelab.errors import MergelabError, RecipeError
 from mergelab.eval.data import Example, TaskSplit, load_task, read_jsonl
-from mergelab.evolve.job import OptimizerSpec, SplitRange, WorkerSpec, check_device, check_optimizer, parse_split
 from mergelab.lora.adapter import read_config
-from mergelab.recipe import describe_validation_error, read_yaml_mapping, resolve_path
+from mergelab.metrics import REPORTED, Metric, example_metric_name, get_metric
+from mergelab.recipe import resolve_path
 
-Metric = Literal["accuracy", "nll"]
 T = TypeVar("T")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TaskSpec(_Strict):
+class TaskSpec(Strict):
     """Examples of a zoo-style task: `<tasks>/<task>/<split name>.jsonl`, optionally a range of it."""
 
     task: str
@@ -52,7 +51,7 @@ class ExamplesSpec(TaskSpec):
 class ReportSpec(TaskSpec):
     split: str = "test"
     limit: int | None = Field(None, ge=1)
-    metrics: list[Metric] = Field(["accuracy", "nll"], min_length=1)
+    metrics: list[Annotated[str, AfterValidator(example_metric_name)]] = Field(list(REPORTED), min_length=1)
 
 
 class HubOptimizerSpec(OptimizerSpec):
@@ -63,7 +62,7 @@ class HubOptimizerSpec(OptimizerSpec):
     singles: bool = True  # after w = 0, try each adapter alone at `high` (N steps of the budget)
 
 
-class HubJobSpec(_Strict):
+class HubJobSpec(Strict):
     base: str
     adapters: Union[str, list[str]]
     examples: Union[str, ExamplesSpec]
@@ -75,31 +74,34 @@ class HubJobSpec(_Strict):
 
 @dataclass(frozen=True)
 class HubJob:
-    """A validated LoraHub job: resolved paths and loaded examples (small, picklable)."""
+    """A validated LoraHub job, resolved: paths, loaded examples, the search's settings (small, picklable)."""
 
     path: Path
-    spec: HubJobSpec
     base: Path
     adapters: tuple[Path, ...]
     examples: tuple[Example, ...]
     report: TaskSplit | None
-    metrics: tuple[Metric, ...]
+    metrics: tuple[Metric, ...]  # what the report split is scored by
+    optimizer: HubOptimizerSpec
+    starts: tuple[tuple[float, ...], ...]  # weight vectors tried first, in order
+    l1: float
+    workers: WorkerSpec
+
+    def penalty(self, weights: list[float]) -> float:
+        """l1 * mean |w|."""
+        return self.l1 * sum(abs(w) for w in weights) / len(weights)
 
 
 # ---------------------------------------------------------------- loading
 def load_hub_job(path: str | os.PathLike[str]) -> HubJob:
     """Read and validate a LoraHub job; every error is a one-line `RecipeError` naming the key."""
-    path = Path(path)
-    data = read_yaml_mapping(path, "job", "a LoraHub job must be a YAML mapping with 'base', 'adapters' and 'examples' keys")
-    return parse_hub_job(data, path.resolve().parent, str(path), path)
+    return load_job_file(path, "a LoraHub job must be a YAML mapping with 'base', 'adapters' and 'examples' keys",
+                         parse_hub_job)
 
 
 def parse_hub_job(data: dict, root: Path, label: str, path: Path | None = None) -> HubJob:
     """Validate a job given as a dict; paths are relative to `root`; `label` names it in errors."""
-    try:
-        spec = HubJobSpec.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(f"{label}: {describe_validation_error(exc, tuple(HubJobSpec.model_fields))}") from None
+    spec = validated(HubJobSpec, data, label)
     base = resolve_path(root, spec.base)
     if not (base / "config.json").is_file():
         raise RecipeError(f"{label}: base: {base}: not a model folder (no config.json)")
@@ -109,8 +111,18 @@ def parse_hub_job(data: dict, root: Path, label: str, path: Path | None = None) 
     check_device(spec.workers, label)
     examples = _examples(spec.examples, root, label)
     report = _report(spec, root, label)
-    metrics = tuple(dict.fromkeys(spec.report.metrics)) if spec.report else ()
-    return HubJob(path or root / "job.yaml", spec, base, adapters, examples, report, metrics)
+    metrics = tuple(get_metric(m) for m in dict.fromkeys(spec.report.metrics)) if spec.report else ()
+    return HubJob(path or root / "job.yaml", base, adapters, examples, report, metrics, spec.optimizer,
+                  starts(spec.optimizer, len(adapters)), spec.l1, spec.workers)
+
+
+def starts(opt: HubOptimizerSpec, n: int) -> tuple[tuple[float, ...], ...]:
+    """w = 0 (the base model), then with `singles` each adapter alone at `high`: near 0 the loss is
+    flat (an update grows with w^2), so these give the optimizer a foothold in every single-adapter basin."""
+    zero = (0.0,) * n
+    if not opt.singles:
+        return (zero,)
+    return (zero, *(tuple(opt.high if j == i else 0.0 for j in range(n)) for i in range(n)))
 
 
 def _adapters(source: str | list[str], root: Path, label: str) -> tuple[Path, ...]:

@@ -1,4 +1,4 @@
-"""The nevergrad optimizer of a job: a registry name plus options, seeded.
+"""The nevergrad optimizer of a job: a registry name plus options, seeded, with start points.
 
     optimizer: {name: ParametrizedCMA, budget: 100, seed: 0, options: {scale: 2.0, popsize: 8}}
 
@@ -8,14 +8,34 @@ a family is called with them (`ParametrizedCMA(scale=2.0, popsize=8)`), and a re
 is a configured family (DiagonalCMA, TwoPointsDE, PSO, ...) is rebuilt with its configuration
 updated by them. Every option a family takes can be set from the job, and nothing else; a plain
 optimizer class (NGOpt, and CMA, which is a class choosing among CMA variants) takes none.
+
+`make_optimizer(..., suggestions=[p0, p1])` pushes start points that are asked before the
+optimizer's own (p0 first): LoraHub's w = 0 and its single-adapter probes.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Sequence
 
+from pydantic import Field
+
+from mergelab.blackbox.spec import Strict
 from mergelab.errors import RecipeError
+
+
+class OptimizerSpec(Strict):
+    """`optimizer:` of a job: a nevergrad registry name or family, the budget, the seed, the family's options."""
+
+    name: str = "NGOpt"
+    budget: int = Field(100, ge=1)
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)  # the family's configuration
+
+
+def check_optimizer(opt: OptimizerSpec, label: str) -> None:
+    """The optimizer name and options must make an optimizer (one-line error naming the key)."""
+    optimizer_family(opt.name, opt.options, label)
 
 
 def optimizer_family(name: str, options: dict[str, Any], label: str) -> Any:
@@ -54,6 +74,10 @@ def _configured(family: type, config: dict[str, Any], options: dict[str, Any], n
 
 
 def make_optimizer(name: str, options: dict[str, Any], parametrization: Any, budget: int, workers: int,
-                   label: str = "job") -> Any:
-    """The optimizer over `parametrization` (already seeded) for `budget` candidates and `workers`."""
-    return optimizer_family(name, options, label)(parametrization=parametrization, budget=budget, num_workers=workers)
+                   label: str = "job", suggestions: Sequence[Any] = ()) -> Any:
+    """The optimizer over `parametrization` (already seeded) for `budget` candidates and `workers`;
+    its first candidates are `suggestions` (values of the parametrization), in that order."""
+    optimizer = optimizer_family(name, options, label)(parametrization=parametrization, budget=budget, num_workers=workers)
+    for point in reversed(suggestions):  # nevergrad asks the last suggestion first
+        optimizer.suggest(point)
+    return optimizer

@@ -1,0 +1,69 @@
+"""The ask/tell loop every search of mergelab runs (nevergrad's interface over a `WorkerPool`).
+
+    1) ask the optimizer for candidates while a worker is free (`decode` makes the genome)
+    2) the next finished candidate: its loss, computed once (`loss_of`), or WORST when it failed
+       or is not finite, so every optimizer can take it
+    3) tell the optimizer, hand the candidate and its loss to `on_result` (the caller's log)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from mergelab.blackbox.pool import Done, Genome, WorkerPool
+
+WORST = 1e9  # the loss of a failed candidate: finite, so every optimizer can take it
+
+
+@dataclass(frozen=True)
+class Loss:
+    """The loss told for a candidate, and why it is WORST when it is (None: it is its own)."""
+
+    value: float
+    error: str | None = None
+
+
+def told_loss(done: Done, loss_of: Callable[[Done], float], what: str = "loss") -> Loss:
+    """The loss of a finished candidate: WORST with the evaluator's error, or when `loss_of` is not
+    finite (`what` names it in the error: "fitness is NaN")."""
+    if done.result.error is not None:
+        return Loss(WORST, done.result.error)
+    value = loss_of(done)
+    if not math.isfinite(value):
+        return Loss(WORST, f"{what} is {'NaN' if math.isnan(value) else value}")
+    return Loss(value)
+
+
+def ask_tell(optimizer: Any, pool: WorkerPool, *, budget: int, decode: Callable[[Any], Genome],
+             loss_of: Callable[[Done], float], on_result: Callable[[Done, Loss], None], first_index: int = 0,
+             progress: bool = True, desc: str = "search", total: int | None = None, what: str = "loss") -> None:
+    """Evaluate `budget` candidates of `optimizer` on `pool`; each is told as soon as it is back.
+
+    `decode` turns a candidate's value into the genome the workers get; `loss_of` turns a finished
+    candidate into its loss (`told_loss` applies the worst-loss rule); `on_result` logs."""
+    asked: dict[int, Any] = {}
+    index, done = first_index, 0
+    total = total if total is not None else budget
+    bar = tqdm(total=total, initial=total - budget, disable=not progress, desc=desc, unit="candidate")
+    best = float("inf")
+    try:
+        while done < budget:
+            while pool.free > 0 and done + len(asked) < budget:  # 1)
+                candidate = optimizer.ask()
+                asked[index] = candidate
+                pool.submit(index, decode(candidate.value))
+                index += 1
+            finished = pool.next_done()  # 2)
+            loss = told_loss(finished, loss_of, what)
+            optimizer.tell(asked.pop(finished.index), loss.value)  # 3)
+            on_result(finished, loss)
+            done += 1
+            best = min(best, loss.value)
+            bar.set_postfix_str(f"best {best:.4g}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()

@@ -1,0 +1,175 @@
+"""The Ray backend of `WorkerPool`: one actor per worker, on this machine or a cluster.
+
+Each actor builds its evaluator once; results are told as they arrive, so a slow candidate holds
+back no other. An actor whose process dies (killed, out of memory, a lost node) is replaced and
+its candidate goes back to the front of the queue for the next free worker; the search goes on.
+An evaluator that cannot be built (a bad recipe, a missing file) fails the pool at once with its
+own error. All Ray calls of mergelab are in this file.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from typing import Any, Callable
+
+from mergelab.blackbox.pool import Done, Evaluation, Evaluator, Genome, WorkerError
+
+log = logging.getLogger(__name__)
+
+
+class _Actor:
+    """The Ray actor: builds the evaluator once, then evaluates what it is sent (one at a time)."""
+
+    def __init__(self, factory: Callable[[], Evaluator], threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)  # one core per worker: more threads only contend
+        self._error: BaseException | None = None
+        try:
+            self.evaluator = factory()
+        except Exception as exc:  # noqa: BLE001 - reported by ready(), with its own type and message
+            self._error = exc
+
+    def ready(self) -> int:
+        if self._error is not None:
+            raise self._error
+        return os.getpid()
+
+    def evaluate(self, genome: Genome) -> Evaluation:
+        return self.evaluator.evaluate(genome)
+
+    def call(self, method: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        return method(self.evaluator, *args, **kwargs)
+
+
+class RayBackend:
+    """`count` actors; candidates go to free actors, results come back as they finish."""
+
+    def __init__(self, factory: Callable[[], Evaluator], count: int, device: str, address: str | None,
+                 max_deaths: int) -> None:
+        import ray
+
+        self.ray = ray
+        self._owns_ray = not ray.is_initialized()  # then close() shuts it down, or its threads keep the process alive
+        if self._owns_ray:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=count, include_dashboard=False, log_to_driver=False)
+        self._factory, self._max_deaths = factory, max_deaths
+        self._gpus = _gpus_per_worker(ray, device, count)
+        self._deaths = 0
+        self._serial = 0
+        self._idle: collections.deque[Any] = collections.deque()
+        self._names: dict[Any, str] = {}
+        self._queue: collections.deque[tuple[int, Genome]] = collections.deque()
+        self._running: dict[Any, tuple[Any, int, Genome]] = {}  # object ref -> (actor, index, genome)
+        self.pids: dict[str, int] = {}  # worker name -> its process id
+        self._start([self._new_actor() for _ in range(count)])
+
+    # ------------------------------------------------------------ actors
+    def _new_actor(self) -> Any:
+        name = f"w{self._serial}"
+        self._serial += 1
+        options = {"num_cpus": 1, "num_gpus": self._gpus, "max_restarts": 0}
+        actor = self.ray.remote(_Actor).options(**options).remote(self._factory, 1)
+        self._names[actor] = name
+        return actor
+
+    def _start(self, actors: list[Any]) -> None:
+        """Wait until the actors have built their evaluators, then make them idle; an evaluator's
+        own error is raised as is."""
+        try:
+            pids = self.ray.get([a.ready.remote() for a in actors])
+        except self.ray.exceptions.RayTaskError as exc:
+            self._kill(actors)
+            raise _cause(exc) from None
+        except self.ray.exceptions.RayActorError as exc:
+            self._kill(actors)
+            raise WorkerError(f"a worker died while starting: {str(exc).splitlines()[0]}") from None
+        self.pids.update({self._names[a]: pid for a, pid in zip(actors, pids)})
+        self._idle.extend(actors)
+
+    def _kill(self, actors: list[Any]) -> None:
+        for a in actors:
+            self.ray.kill(a, no_restart=True)
+
+    # ------------------------------------------------------------ candidates
+    @property
+    def free(self) -> int:
+        return len(self._idle) - len(self._queue)
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + len(self._running)
+
+    def submit(self, index: int, genome: Genome) -> None:
+        self._queue.append((index, genome))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._idle and self._queue:
+            actor = self._idle.popleft()
+            index, genome = self._queue.popleft()
+            self._running[actor.evaluate.remote(genome)] = (actor, index, genome)
+
+    def next_done(self) -> Done:
+        while True:
+            if not self._running:
+                raise WorkerError("no candidate is running")
+            [ref], _ = self.ray.wait(list(self._running), num_returns=1)
+            actor, index, genome = self._running.pop(ref)
+            try:
+                result = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as exc:
+                self._replace(actor, index, genome, exc)
+                continue
+            except self.ray.exceptions.RayTaskError as exc:
+                self._idle.append(actor)
+                self._dispatch()
+                raise _cause(exc) from None
+            self._idle.append(actor)
+            self._dispatch()
+            return Done(index, genome, result, self._names[actor])
+
+    def _replace(self, actor: Any, index: int, genome: Genome, exc: BaseException) -> None:
+        """A dead worker: its candidate goes first in the queue, a new worker takes its place."""
+        self._deaths += 1
+        name = self._names.pop(actor)
+        log.warning("worker %s died while evaluating candidate %d (%s); re-running it on another worker",
+                    name, index, str(exc).splitlines()[0][:200])
+        if self._deaths > self._max_deaths:
+            raise WorkerError(f"{self._deaths} workers died (the last on candidate {index}); giving up")
+        self._queue.appendleft((index, genome))
+        self._start([self._new_actor()])
+        self._dispatch()
+
+    def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        actor = self._idle[0] if self._idle else next(iter(self._running.values()))[0]
+        try:
+            return self.ray.get(actor.call.remote(method, args, kwargs))
+        except self.ray.exceptions.RayTaskError as exc:
+            raise _cause(exc) from None
+
+    def close(self) -> None:
+        self._kill(list(self._names))
+        self._names.clear()
+        if self._owns_ray:
+            self.ray.shutdown()
+
+
+def _cause(exc: Any) -> BaseException:
+    """The evaluator's own exception inside a Ray task error (its type and message), when there is one."""
+    return exc.cause if isinstance(exc.cause, BaseException) else exc
+
+
+def _gpus_per_worker(ray: Any, device: str, count: int) -> float:
+    """A CUDA device: the cluster's GPUs shared evenly (several workers may share one GPU)."""
+    if not device.startswith("cuda"):
+        return 0.0
+    total = ray.cluster_resources().get("GPU", 0)
+    if not total:
+        raise WorkerError(f"workers.device is {device} but the Ray cluster has no GPU")
+    return min(1.0, total / count)

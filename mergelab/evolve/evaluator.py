@@ -1,0 +1,87 @@
+"""What each worker of `mergelab search` holds: the live model, the fitness data, the references.
+
+Built once per worker by `functools.partial(SearchEvaluator, job, device)`; the pool calls its
+methods (`evaluate` for each candidate, the others through `WorkerPool.call`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from mergelab.blackbox.pool import Evaluation, Genome, Metrics
+from mergelab.eval import load_model, load_tokenizer
+from mergelab.evolve.fitness import USES, Reference, make_reference
+from mergelab.evolve.job import Job
+from mergelab.evolve.live import LiveMerger
+from mergelab.evolve.scoring import TermData, measure, term_data
+from mergelab.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+class SearchEvaluator:
+    """The live model of the job's template, and the examples of every split use."""
+
+    def __init__(self, job: Job, device: str) -> None:
+        self.job = job
+        self.space = job.space
+        self.fitness = job.fitness
+        self.live = LiveMerger(self.space.to_recipe(self.space.start()), device)
+        self.tokenizer = load_tokenizer(self.live.plan.tokenizer_dir)
+        self._terms = {use: term_data(job.fitness, use) for use in USES}
+
+    def evaluate(self, genome: Genome) -> Evaluation:
+        """One candidate scored on the fitness split; never raises (a failure is an `error`)."""
+        try:
+            metrics, seconds = self.score_timed(genome, "fitness")
+        except Exception as exc:  # noqa: BLE001 - any failed candidate is scored worst, the search goes on
+            log.debug("candidate failed", exc_info=True)
+            return Evaluation({}, {}, f"{type(exc).__name__}: {exc}")
+        return Evaluation(metrics, seconds)
+
+    def score_timed(self, genome: Genome, use: str) -> tuple[Metrics, dict[str, float]]:
+        """Merge `genome` into the live model and score it on split `use`; metrics and seconds."""
+        timing = self.live.set_recipe(self.space.to_recipe(genome))
+        start = time.perf_counter()
+        metrics = measure(self.live.model, self.tokenizer, self._terms[use])
+        return metrics, {"merge": timing.merge, "load": timing.load, "eval": time.perf_counter() - start}
+
+    def score(self, genome: Genome, use: str) -> Metrics:
+        return self.score_timed(genome, use)[0]
+
+    def score_recipe(self, recipe: Recipe, use: str) -> Metrics:
+        """Any recipe of the template's models (the uniform merge), scored on split `use`."""
+        self.live.set_recipe(recipe)
+        return measure(self.live.model, self.tokenizer, self._terms[use])
+
+    def reference(self, use: str) -> Reference | None:
+        """What the split's scores are normalised by (`fitness.normalize`), or None."""
+        kind = self.fitness.normalize
+        if kind == "none":
+            return None
+        if kind == "start":
+            return make_reference(kind, self.score(self.space.start(), use))
+        experts: Metrics = {}
+        for term in self._terms[use]:
+            experts.update(self._measure(term.term.expert, [term]))
+        if kind == "experts":
+            return make_reference(kind, experts)
+        ref = make_reference(kind, experts, self._measure(self.fitness.base, self._terms[use]))
+        self.fitness.check_gap(ref, f"{self.job.path}: fitness on {use} split")
+        return ref
+
+    def _measure(self, path: Path | None, terms: list[TermData]) -> Metrics:
+        model, tok = load_model(path)
+        return measure(model, tok, terms)
+
+    def source_scores(self, use: str) -> dict[str, Metrics]:
+        """Each model of the recipe (base, experts, adapted bases) scored on split `use`."""
+        out: dict[str, Metrics] = {}
+        for ref in dict.fromkeys(self.live.plan.model_keys):
+            out[str(ref)] = self._measure(ref.path if ref.adapter is None else ref.adapter, self._terms[use])
+        return out
+
+    def close(self) -> None:
+        self.live.close()

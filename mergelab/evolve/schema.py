@@ -1,0 +1,70 @@
+"""The schema of a merge-search job file (`search/*.yaml`), as users write it (pydantic).
+
+`job.py` validates a file against it and resolves it once into what the search runs on.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AfterValidator, Field, model_validator
+
+from mergelab.blackbox.optimizer import OptimizerSpec
+from mergelab.blackbox.spec import Strict, WorkerSpec
+from mergelab.metrics import metric_name
+
+GLOBAL = "global"
+
+
+class SearchEntry(Strict):
+    """One searched parameter: of one model (as the template names it) or global."""
+
+    model: str = GLOBAL
+    param: str
+    groups: int = Field(1, ge=1)
+    low: float | None = None
+    high: float | None = None
+    start: Union[float, list[float], None] = None
+
+
+class FitnessTerm(Strict):
+    """A zoo skill scored by a metric of the registry (`mergelab.metrics`: nll, prob, accuracy),
+    or an lm-eval task (`metric: lm-eval`: `task` is an lm-eval task name or a local task folder,
+    `lm_eval_metric` the metric it reports)."""
+
+    task: str
+    metric: Annotated[str, AfterValidator(metric_name)] = "prob"
+    lm_eval_metric: str | None = None
+    weight: float = 1.0
+    limit: int | None = Field(None, ge=1)
+    expert: str | None = None  # the model this skill's score is normalised by (default: the template model named like the task)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        return {"task": data} if isinstance(data, str) else data
+
+
+class FitnessSpec(Strict):
+    tasks: str | None = None  # the zoo's tasks folder (for the terms scored on examples)
+    terms: list[FitnessTerm] = Field(min_length=1)  # a bare task name is a term with the defaults
+    goal: Literal["minimize", "maximize"] | None = None
+    normalize: Literal["gap", "experts", "start", "none"] | None = None
+
+
+class SplitSpec(Strict):
+    fitness: str = "validation[0:100]"
+    select: str = "validation[100:200]"
+    report: str = "test"
+
+
+class JobSpec(Strict):
+    recipe: Union[str, dict[str, Any], None] = None
+    models: list[str] | None = Field(None, min_length=2)  # the short form, instead of recipe
+    base_model: str | None = None
+    search: list[SearchEntry] | None = Field(None, min_length=1)  # default: every model's weight per layer group
+    methods: list[str] | None = None
+    fitness: FitnessSpec
+    optimizer: OptimizerSpec = OptimizerSpec()
+    workers: WorkerSpec = WorkerSpec()
+    splits: SplitSpec = SplitSpec()
