@@ -70,3 +70,16 @@ def test_the_cli_offers_the_registry() -> None:
     eval_parser = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" eval"))
     metric = next(a for a in eval_parser._actions if a.dest == "metric")
     assert tuple(metric.choices) == tuple(METRICS)
+
+
+def test_the_search_report_says_which_way_each_metric_is_better(tmp_path: Path) -> None:
+    import json
+
+    from mergelab.evolve.report import write_report
+
+    trial = {"index": 0, "genome": {"method": "linear"}, "values": {}, "metrics": {"add/nll": 0.5}, "loss": 0.5,
+             "seconds": {"merge": 0.1, "load": 0.1, "eval": 0.2}, "worker": "local", "error": None}
+    (tmp_path / "trials.jsonl").write_text(json.dumps(trial) + "\n")
+    (tmp_path / "report.json").write_text(json.dumps({"best": {"add/accuracy": 0.9, "add/nll": 0.5}}))
+    md = write_report(tmp_path)[1].read_text()
+    assert "| mean accuracy (higher is better) | mean nll (lower is better) |" in md

@@ -4,7 +4,8 @@
     RUN/report.md     the run in numbers: trials, failures, time per candidate split into merge,
                       load and evaluate (medians), the best candidate's values, and the
                       report-split scores of the best recipe beside the start recipe and each
-                      source model (from `report.json`, written when the search finished)
+                      source model (from `report.json`, written when the search finished), with
+                      each metric's mean and which way is better (the metric registry)
 
 Works on a run that is still going or was interrupted (no `report.json` yet): the table of
 scores is then left out.
@@ -19,6 +20,7 @@ from typing import Any
 
 from mergelab.errors import DataError
 from mergelab.evolve.loop import BEST, TRIALS, Trial, read_trials
+from mergelab.metrics import METRICS
 
 PLOT = "fitness.png"
 SUMMARY = "report.md"
@@ -94,11 +96,17 @@ def _table(scores: dict[str, dict[str, Any]]) -> list[str]:
     """Rows: who (best, start, each source); columns: each metric, and their mean per metric kind."""
     keys = list(next(iter(scores.values())))
     kinds = sorted({k.split("/")[-1] for k in keys})
-    head = ["model", *keys, *(f"mean {k}" for k in kinds)]
+    head = ["model", *keys, *(f"mean {k}{_direction(k)}" for k in kinds)]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for who, metrics in scores.items():
         means = [statistics.mean(v for k, v in metrics.items() if k.endswith("/" + kind)) for kind in kinds]
         cells = [who, *(f"{metrics.get(k, float('nan')):.4f}" for k in keys), *(f"{m:.4f}" for m in means)]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def _direction(kind: str) -> str:
+    """` (lower is better)` or ` (higher is better)`, as the metric registry says; empty for other keys."""
+    metric = METRICS.get(kind)
+    return "" if metric is None else f" ({'lower' if metric.lower_is_better else 'higher'} is better)"
 
