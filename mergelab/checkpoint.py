@@ -7,6 +7,9 @@ model would stay in the process's resident set, and a merge would grow to the si
 
 File format: https://github.com/huggingface/safetensors#format
 (8-byte little-endian header length, JSON header, raw little-endian tensor bytes).
+
+`TensorSource` is what the plan and the executor ask of an input: a `Checkpoint` is one, and so
+is a checkpoint with a LoRA adapter applied on the fly (`lora/apply.py`), built on a `Checkpoint`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 
@@ -115,6 +118,31 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_siz
     if data_start + end > file_size:
         raise CheckpointError(f"{path}: truncated file: tensor '{name}' ends at byte {data_start + end}, file has {file_size}")
     return TensorInfo(name, shape, dtype, path, data_start + begin, end - begin)
+
+
+class TensorSource(Protocol):
+    """A model's tensors by name, read lazily: what a plan checks and an executor reads."""
+
+    @property
+    def path(self) -> Path: ...  # the folder config, tokenizer and generation config come from
+
+    @property
+    def config(self) -> dict: ...  # config.json ({} if none)
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]: ...  # name -> shape, dtype (read from headers)
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def read(self, name: str) -> torch.Tensor: ...
+
+    def ranged(self, name: str) -> bool: ...
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
 
 
 class Checkpoint:

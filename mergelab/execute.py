@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from mergelab.errors import RecipeError
+from mergelab.device import resolve_device
 from mergelab.methods._cache import TensorCache
 from mergelab.methods.base import MergeInputs
 from mergelab.plan import Plan, Source, TensorJob
@@ -44,19 +44,6 @@ class ExecStats:
     bytes_read: int
     bytes_written: int
     seconds: float
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device, checked to exist: `cpu`, `cuda`, `cuda:1`, `mps`."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise RecipeError(f"--device: unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"--device {device}: no CUDA device is available on this machine; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise RecipeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
 
 
 def read_sources(plan: Plan, job: TensorJob) -> dict[Source, torch.Tensor]:

@@ -11,7 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-from mergelab.execute import DEFAULT_MEMORY, execute, resolve_device
+from mergelab.device import resolve_device
+from mergelab.execute import DEFAULT_MEMORY, execute
 from mergelab.plan import Plan, make_plan
 from mergelab.recipe import Recipe, load_recipe
 from mergelab.writer import OutputFolder, ShardedWriter, parse_size

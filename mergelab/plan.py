@@ -25,8 +25,10 @@ import torch
 
 from mergelab.architecture import (LAYER_COUNT_KEYS, describe_stacks, find_stacks, is_pre_weight, is_vocab_weight,
                                    layer_count_key)
-from mergelab.checkpoint import Checkpoint, tensor_nbytes
+from mergelab.checkpoint import Checkpoint, TensorSource, tensor_nbytes
 from mergelab.errors import CheckpointError, PlanError, RecipeError
+from mergelab.lora.adapter import load_adapter
+from mergelab.lora.apply import AdaptedCheckpoint
 from mergelab.methods import MergeMethod, get_method
 from mergelab.methods.base import Param
 from mergelab.recipe import ModelRef, Recipe, Setting, evaluate, scalars
@@ -72,10 +74,10 @@ class TensorJob:
 class Plan:
     recipe: Recipe
     method: MergeMethod
-    checkpoints: list[Checkpoint]
+    checkpoints: list[TensorSource]
     jobs: list[TensorJob]
     config: dict  # the output config.json
-    template: Checkpoint  # config, tokenizer and generation config come from here ...
+    template: TensorSource  # config, tokenizer and generation config come from here ...
     tokenizer_dir: Path  # ... except the tokenizer, when `tokenizer_source` names a model
     load_dtype: torch.dtype | None = None  # inputs are rounded to the recipe's `dtype` first
     model_keys: dict[ModelRef, str] = field(default_factory=dict)  # model (+ adapter) -> its recipe key
@@ -104,7 +106,7 @@ class _Slice:
     stack: str | None  # the prefix of the layer stack the sources' layer ranges index
 
 
-def make_plan(recipe: Recipe, *, allow_pickle: bool = False, opened: dict[ModelRef, Checkpoint] | None = None,
+def make_plan(recipe: Recipe, *, allow_pickle: bool = False, opened: dict[ModelRef, TensorSource] | None = None,
               vocabulary: Vocabulary | None = None, allow_crimes: bool = False) -> Plan:
     """Validate `recipe` against its method and its inputs; build every tensor job.
 
@@ -192,8 +194,8 @@ def _set_globally(recipe: Recipe, name: str) -> bool:
 
 
 # ---------------------------------------------------------------- checkpoints
-def _open_checkpoints(recipe: Recipe, allow_pickle: bool, opened: dict[ModelRef, Checkpoint]
-                      ) -> tuple[dict[ModelRef, Checkpoint], dict[ModelRef, str]]:
+def _open_checkpoints(recipe: Recipe, allow_pickle: bool, opened: dict[ModelRef, TensorSource]
+                      ) -> tuple[dict[ModelRef, TensorSource], dict[ModelRef, str]]:
     """Open every referenced model once (headers only), in recipe order, unless already in `opened`;
     a model with an adapter becomes an `AdaptedCheckpoint` over the same base `Checkpoint`."""
     refs: list[tuple[str, ModelRef]] = []
@@ -205,7 +207,7 @@ def _open_checkpoints(recipe: Recipe, allow_pickle: bool, opened: dict[ModelRef,
             refs.append((f"slices[{i}].base_model", recipe.ref(s.base_model)))
         refs += [(f"slices[{i}].sources[{j}].model", recipe.ref(src.model, src.adapter)) for j, src in enumerate(s.sources)]
     bases: dict[Path, Checkpoint] = {}
-    ckpts: dict[ModelRef, Checkpoint] = {}
+    ckpts: dict[ModelRef, TensorSource] = {}
     keys: dict[ModelRef, str] = {}
     for key, ref in refs:
         if ref in ckpts:
@@ -216,7 +218,7 @@ def _open_checkpoints(recipe: Recipe, allow_pickle: bool, opened: dict[ModelRef,
         try:
             if ref.path not in bases:
                 bases[ref.path] = Checkpoint(ref.path, allow_pickle=allow_pickle)
-            ckpts[ref] = bases[ref.path] if ref.adapter is None else _adapted(bases[ref.path], ref.adapter)
+            ckpts[ref] = bases[ref.path] if ref.adapter is None else AdaptedCheckpoint(bases[ref.path], load_adapter(ref.adapter))
         except CheckpointError as exc:
             hint = " (for base+adapter, the adapter folder must hold adapter_config.json)" if "+" in ref.path.name else ""
             raise CheckpointError(f"{key}: {exc}{hint}") from None
@@ -224,14 +226,7 @@ def _open_checkpoints(recipe: Recipe, allow_pickle: bool, opened: dict[ModelRef,
     return ckpts, keys
 
 
-def _adapted(base: Checkpoint, adapter: Path) -> Checkpoint:
-    from mergelab.lora.adapter import load_adapter
-    from mergelab.lora.apply import AdaptedCheckpoint
-
-    return AdaptedCheckpoint(base, load_adapter(adapter))
-
-
-def _check_architectures(ckpts: dict[ModelRef, Checkpoint], keys: dict[ModelRef, str]) -> None:
+def _check_architectures(ckpts: dict[ModelRef, TensorSource], keys: dict[ModelRef, str]) -> None:
     kinds = {(c.config.get("model_type"), tuple(c.config.get("architectures") or ())) for c in ckpts.values() if c.config}
     if len({k[0] for k in kinds}) > 1:
         found = ", ".join(f"{keys[ref]}={c.config.get('model_type')}" for ref, c in ckpts.items())
@@ -240,7 +235,7 @@ def _check_architectures(ckpts: dict[ModelRef, Checkpoint], keys: dict[ModelRef,
 
 
 # ---------------------------------------------------------------- slices
-def _normalise_slices(recipe: Recipe, method: MergeMethod, ckpts: dict[ModelRef, Checkpoint]) -> list[_Slice]:
+def _normalise_slices(recipe: Recipe, method: MergeMethod, ckpts: dict[ModelRef, TensorSource]) -> list[_Slice]:
     """The recipe as slices of layer stacks, each checked against the method and its inputs."""
     base = recipe.ref(recipe.base_model) if recipe.base_model else None
     slices = _model_slices(recipe, base, ckpts) if recipe.models is not None else _recipe_slices(recipe, base, ckpts)
@@ -249,7 +244,7 @@ def _normalise_slices(recipe: Recipe, method: MergeMethod, ckpts: dict[ModelRef,
     return slices
 
 
-def _model_slices(recipe: Recipe, base: ModelRef | None, ckpts: dict[ModelRef, Checkpoint]) -> list[_Slice]:
+def _model_slices(recipe: Recipe, base: ModelRef | None, ckpts: dict[ModelRef, TensorSource]) -> list[_Slice]:
     """`models:` becomes one slice per layer stack of the template (the base, else the first model),
     over all its layers, the base joining the models if not listed: mergekit's modules."""
     srcs = [_Src(recipe.ref(m.model, m.adapter), f"models[{i}]", None, dict(m.parameters or {}))
@@ -263,12 +258,12 @@ def _model_slices(recipe: Recipe, base: ModelRef | None, ckpts: dict[ModelRef, C
                    base, {}, "models", prefix) for prefix in stacks]
 
 
-def _num_layers(ckpt: Checkpoint, prefix: str) -> int:
+def _num_layers(ckpt: TensorSource, prefix: str) -> int:
     stack = find_stacks(ckpt.tensors).get(prefix)
     return stack.num_layers if stack else 0
 
 
-def _recipe_slices(recipe: Recipe, base: ModelRef | None, ckpts: dict[ModelRef, Checkpoint]) -> list[_Slice]:
+def _recipe_slices(recipe: Recipe, base: ModelRef | None, ckpts: dict[ModelRef, TensorSource]) -> list[_Slice]:
     """`slices:` as written; each indexes the one layer stack of its sources."""
     slices = []
     for i, s in enumerate(recipe.slices or []):
@@ -280,7 +275,7 @@ def _recipe_slices(recipe: Recipe, base: ModelRef | None, ckpts: dict[ModelRef, 
     return slices
 
 
-def _single_stack(src: _Src, ckpt: Checkpoint) -> str | None:
+def _single_stack(src: _Src, ckpt: TensorSource) -> str | None:
     """The prefix of the one layer stack a slice source's layer_range indexes; an error if there are several."""
     stacks = find_stacks(ckpt.tensors)
     if len(stacks) > 1:
@@ -290,7 +285,7 @@ def _single_stack(src: _Src, ckpt: Checkpoint) -> str | None:
     return next(iter(stacks), None)
 
 
-def _check_slice(s: _Slice, method: MergeMethod, ckpts: dict[ModelRef, Checkpoint]) -> None:
+def _check_slice(s: _Slice, method: MergeMethod, ckpts: dict[ModelRef, TensorSource]) -> None:
     paths = [src.path for src in s.sources]
     if method.base_policy == "required" and s.base is None:
         raise RecipeError(f"base_model: {method.name} needs a base model (the model the others' task vectors are taken from)")
@@ -314,7 +309,7 @@ def _check_slice(s: _Slice, method: MergeMethod, ckpts: dict[ModelRef, Checkpoin
 
 # ---------------------------------------------------------------- jobs
 class _JobBuilder:
-    def __init__(self, recipe: Recipe, method: MergeMethod, ckpts: dict[ModelRef, Checkpoint], index: dict[ModelRef, int],
+    def __init__(self, recipe: Recipe, method: MergeMethod, ckpts: dict[ModelRef, TensorSource], index: dict[ModelRef, int],
                  vocabulary: Vocabulary | None, keys: dict[ModelRef, str]) -> None:
         self.recipe, self.method, self.ckpts, self.index = recipe, method, ckpts, index
         self.vocabulary = vocabulary
@@ -422,7 +417,7 @@ class _JobBuilder:
 
 
 # ---------------------------------------------------------------- output metadata
-def _output_config(template: Checkpoint, slices: list[_Slice], recipe: Recipe, ckpts: dict[ModelRef, Checkpoint]) -> dict:
+def _output_config(template: TensorSource, slices: list[_Slice], recipe: Recipe, ckpts: dict[ModelRef, TensorSource]) -> dict:
     config = copy.deepcopy(template.config)
     if recipe.slices is not None:
         _relayer(config, template, slices, ckpts)
@@ -434,7 +429,7 @@ def _output_config(template: Checkpoint, slices: list[_Slice], recipe: Recipe, c
     return config
 
 
-def _relayer(config: dict, template: Checkpoint, slices: list[_Slice], ckpts: dict[ModelRef, Checkpoint]) -> None:
+def _relayer(config: dict, template: TensorSource, slices: list[_Slice], ckpts: dict[ModelRef, TensorSource]) -> None:
     """A slices recipe's layer count into `config`, and per-layer lists (e.g. `layer_types`) after their layers."""
     ranges = [(s.sources[0].path, s.sources[0].layers) for s in slices if s.stack and s.sources[0].layers]
     if not ranges:
@@ -454,7 +449,7 @@ def _relayer(config: dict, template: Checkpoint, slices: list[_Slice], ckpts: di
     config[key] = out_layers
 
 
-def _tokenizer_dir(recipe: Recipe, template: Checkpoint) -> Path:
+def _tokenizer_dir(recipe: Recipe, template: TensorSource) -> Path:
     """The folder whose tokenizer files a merge without an output tokenizer copies (and a search evaluates with)."""
     spec = recipe.tokenizer_spec
     if spec is None or spec.source in ("base", "union"):

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from mergelab.device import resolve_device
 from mergelab.errors import PlanError
-from mergelab.execute import merge_job, resolve_device, single_threaded_ops
+from mergelab.execute import merge_job, single_threaded_ops
 from mergelab.methods._cache import MergeCache, TensorCache
 from mergelab.plan import Plan, Source, TensorJob, make_plan, replan
 from mergelab.recipe import Recipe

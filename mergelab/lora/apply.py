@@ -1,6 +1,7 @@
 """A base model with a LoRA adapter applied on the fly: `BASE+ADAPTER` in a recipe.
 
-`AdaptedCheckpoint` is a `Checkpoint` whose `read(name)` returns
+`AdaptedCheckpoint` is a tensor source (`checkpoint.TensorSource`) over a base `Checkpoint`:
+its `read(name)` returns
 
     W + scale * B @ A      (transposed for fan_in_fan_out / embeddings; see adapter.py)
 
@@ -13,6 +14,7 @@ Everything is checked when it is opened, before any tensor is read.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,18 +25,32 @@ from mergelab.lora.adapter import LoraAdapter, LoraModule
 from mergelab.methods import work_dtype
 
 
-class AdaptedCheckpoint(Checkpoint):
-    """`base` with `adapter` merged into it tensor by tensor (same interface as `Checkpoint`)."""
+class AdaptedCheckpoint:
+    """`base` with `adapter` merged into it tensor by tensor; its index, config and folder are the base's."""
 
     def __init__(self, base: Checkpoint, adapter: LoraAdapter) -> None:
-        # not super().__init__: that would read the folder again; we share the base's index
         self.base = base
         self.adapter = adapter
-        self.path = base.path  # config, tokenizer and generation config are the base's
-        self.config = base.config
-        self.tensors = base.tensors
         self._updates = _check_against_base(base, adapter)  # base tensor name -> module
         self._bias_updates = {f"{m.name}.bias": m for m in adapter.modules.values() if m.bias is not None}
+
+    @property
+    def path(self) -> Path:
+        return self.base.path  # config, tokenizer and generation config are the base's
+
+    @property
+    def config(self) -> dict:
+        return self.base.config
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self.base.tensors
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.base
+
+    def info(self, name: str) -> TensorInfo:
+        return self.base.info(name)
 
     def read(self, name: str) -> torch.Tensor:
         """The base tensor with the adapter's update added (or its replacement)."""

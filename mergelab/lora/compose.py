@@ -45,8 +45,8 @@ from typing import Any, Callable
 
 import torch
 
+from mergelab.device import resolve_device
 from mergelab.errors import CheckpointError, RecipeError
-from mergelab.execute import resolve_device
 from mergelab.lora.adapter import LoraAdapter, LoraModule, commit_adapter, load_adapter, unit_scale_config
 from mergelab.methods import get_method
 from mergelab.methods.base import MergeInputs

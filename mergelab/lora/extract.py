@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from mergelab.checkpoint import Checkpoint
+from mergelab.device import resolve_device
 from mergelab.errors import RecipeError
-from mergelab.execute import resolve_device
 from mergelab.lora.adapter import LoraAdapter, LoraModule, commit_adapter, unit_scale_config
 from mergelab.lora.extract_plan import ExtractionPlan, ExtractOptions, Kind, module_names, plan_extraction
 from mergelab.lora.renames import fused_blocks, module_renamer

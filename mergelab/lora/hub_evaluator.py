@@ -18,9 +18,9 @@ from peft import PeftConfig, inject_adapter_in_model
 from transformers import PreTrainedTokenizerBase
 
 from mergelab.blackbox.pool import Evaluation, Genome, Metrics
+from mergelab.device import resolve_device
 from mergelab.errors import CheckpointError
 from mergelab.eval import Example, load_tokenizer, score
-from mergelab.execute import resolve_device
 from mergelab.lora.adapter import LoraAdapter, load_adapter, unit_scale_config
 from mergelab.lora.compose import combine
 from mergelab.lora.compose import linear_factors as linear_rule
