@@ -31,7 +31,8 @@ from mergelab.lora.adapter import load_adapter
 from mergelab.lora.apply import AdaptedCheckpoint
 from mergelab.methods import MergeMethod, get_method
 from mergelab.methods.base import Param
-from mergelab.recipe import ModelRef, Recipe, Setting, evaluate, scalars
+from mergelab.recipe import ModelRef, Recipe
+from mergelab.settings import Setting, evaluate, scalars
 from mergelab.vocabulary import VocabJob, Vocabulary, plan_vocabulary
 
 log = logging.getLogger(__name__)

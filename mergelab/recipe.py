@@ -8,10 +8,8 @@
     parameters: {normalize: true}
     dtype: bfloat16
 
-A parameter value is a scalar, a list of numbers (a gradient, interpolated over the layers;
-a list of booleans or strings steps through its values instead),
-or a list of `{filter, value}` entries (the first whose filter is a substring of the tensor
-name wins; no filter matches everything). Model paths are resolved relative to the recipe file.
+A parameter value is a scalar, a gradient over the layers or a list of `{filter, value}`
+entries (`settings.py`). Model paths are resolved relative to the recipe file (`user_yaml.py`).
 
 Arithmetic is mergekit's by default: each method computes in the dtype mergekit computes it in,
 which for most is the inputs' dtype after `dtype:` (a `dtype: bfloat16` TIES subtracts, trims,
@@ -47,32 +45,17 @@ string is one path, so folder names containing '+' keep working.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import RecipeError
-
-
-
-class Conditional(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    filter: str | None = None
-    value: "Setting"
-
-
-# list[float] before list[bool]: [1, 0] stays numeric; [true, false] stays boolean (an exact match wins)
-Setting = Union[bool, int, float, str, list[float], list[bool], list[str], list[Conditional]]
-Conditional.model_rebuild()
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from mergelab.settings import Setting, check_finite
+from mergelab.user_yaml import Strict, describe_validation_error, read_yaml_mapping, resolve_path, validated
 
 
 @dataclass(frozen=True)
@@ -89,13 +72,13 @@ class ModelRef:
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     model: str
     adapter: str | None = None
     parameters: dict[str, Setting] | None = None
 
 
-class SliceSource(_Strict):
+class SliceSource(Strict):
     model: str
     adapter: str | None = None
     layer_range: tuple[int, int]
@@ -109,19 +92,19 @@ class SliceSource(_Strict):
         return v
 
 
-class Slice(_Strict):
+class Slice(Strict):
     sources: list[SliceSource] = Field(min_length=1)
     base_model: str | None = None
     parameters: dict[str, Setting] | None = None
 
 
-class ZeroToken(_Strict):
+class ZeroToken(Strict):
     """A token's row is zeros."""
 
     kind: Literal["zero"]
 
 
-class ModelToken(_Strict):
+class ModelToken(Strict):
     """A token's row is another token's row in one model: by text (`token`) or by row (`token_id`)."""
 
     kind: Literal["model_token"]
@@ -136,7 +119,7 @@ class ModelToken(_Strict):
         return self
 
 
-class TokenSpec(_Strict):
+class TokenSpec(Strict):
     """Where a token's row comes from in models that lack it (in every model with `force`)."""
 
     source: Union[ZeroToken, ModelToken, str, None] = None  # a str is a model of the recipe
@@ -148,7 +131,7 @@ class TokenSpec(_Strict):
         """A mapping is read by its `kind` (so an error names that kind's keys, not every alternative's)."""
         if not isinstance(value, dict):
             return value
-        kinds: dict[str, type[_Strict]] = {"zero": ZeroToken, "model_token": ModelToken}
+        kinds: dict[str, type[Strict]] = {"zero": ZeroToken, "model_token": ModelToken}
         if value.get("kind") not in kinds:
             raise ValueError(f"a mapping needs kind: zero or kind: model_token, got kind: {value.get('kind')!r}")
         try:
@@ -157,7 +140,7 @@ class TokenSpec(_Strict):
             raise ValueError(describe_validation_error(exc)) from None
 
 
-class TokenizerSpec(_Strict):
+class TokenizerSpec(Strict):
     """mergekit's `tokenizer:` block: the output vocabulary and how rows of tokens a model lacks are made."""
 
     source: str = "union"  # union | base | a model folder
@@ -165,7 +148,7 @@ class TokenizerSpec(_Strict):
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     """A validated recipe. `root` is the folder relative paths are resolved against."""
 
     merge_method: str
@@ -257,61 +240,11 @@ def load_recipe(source: str | os.PathLike[str] | dict | Recipe) -> Recipe:
     return parse_recipe(data, path.resolve().parent, str(path))
 
 
-def read_yaml_mapping(path: Path, kind: str, shape: str) -> dict:
-    """The YAML mapping in `path` (a recipe or a job); one-line `RecipeError`s naming the file."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: {kind} file not found") from None
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read {kind} ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: {shape}")
-    return data
-
-
 def parse_recipe(data: dict, root: Path, label: str) -> Recipe:
     """Validate the schema (keys, types); `label` names the recipe in errors."""
-    try:
-        recipe = Recipe.model_validate({**data, "root": root})
-    except ValidationError as exc:
-        top_keys = tuple(k for k in Recipe.model_fields if k != "root")
-        raise RecipeError(f"{label}: {describe_validation_error(exc, top_keys)}") from None
+    recipe = validated(Recipe, {**data, "root": root}, label)
     _check_structure(recipe, label)
     return recipe
-
-
-def resolve_path(root: Path, path: str) -> Path:
-    """`~` expanded; a relative path is taken against `root` (the YAML file's folder)."""
-    p = Path(os.path.expanduser(path))
-    return p if p.is_absolute() else (root / p).resolve()
-
-
-def describe_validation_error(exc: ValidationError, top_keys: tuple[str, ...] = ()) -> str:
-    """The first pydantic error as `key.path[i]: message`; an unknown top-level key lists `top_keys`."""
-    err = exc.errors()[0]
-    # pydantic puts union/validator branch names in `loc`; they are not keys the user wrote
-    keys = [p for p in err["loc"] if not str(p).startswith(("list[", "function-", "tuple[", "dict[", "str", "float", "int", "bool", "none"))]
-    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in keys).lstrip(".")
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-        if len(err["loc"]) == 1 and top_keys:
-            msg += f" (allowed: {', '.join(top_keys)})"
-    elif err["type"] == "missing":
-        msg = "required key is missing"
-    elif err["type"] == "literal_error":
-        msg = f"must be one of {err['ctx']['expected']}"
-    elif err["type"] == "value_error":
-        msg = msg.removeprefix("Value error, ")  # our validators' own messages
-    return f"{loc}: {msg}" if loc else msg
 
 
 def _check_structure(recipe: Recipe, label: str) -> None:
@@ -322,7 +255,7 @@ def _check_structure(recipe: Recipe, label: str) -> None:
     if recipe.tokenizer_source is not None and recipe.tokenizer is not None:
         raise RecipeError(f"{label}: tokenizer_source: give either 'tokenizer_source' or a 'tokenizer' block (its 'source'), not both")
     for key, value in _iter_settings(recipe):
-        _check_finite(value, f"{label}: {key}")
+        check_finite(value, f"{label}: {key}")
 
 
 def _iter_settings(recipe: Recipe):
@@ -338,42 +271,3 @@ def _iter_settings(recipe: Recipe):
         for j, src in enumerate(s.sources):
             for name, v in (src.parameters or {}).items():
                 yield f"slices[{i}].sources[{j}].parameters.{name}", v
-
-
-def _check_finite(value: Any, where: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise RecipeError(f"{where}: value must be finite, got {value}")
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_finite(v.value if isinstance(v, Conditional) else v, f"{where}[{i}]")
-
-
-def scalars(setting: Setting) -> list[Any]:
-    """Every scalar a setting can evaluate to (gradient points, filtered values)."""
-    if isinstance(setting, list):
-        out: list[Any] = []
-        for item in setting:
-            out += scalars(item.value) if isinstance(item, Conditional) else [item]
-        return out
-    return [setting]
-
-
-def evaluate(setting: Setting | None, tensor_name: str, t: float) -> Any:
-    """The value of a setting for one tensor at layer position t in [0, 1] (mergekit's rule)."""
-    if setting is None or not isinstance(setting, list):
-        return setting
-    if not setting:
-        return None
-    if all(not isinstance(e, Conditional) for e in setting):
-        if any(isinstance(e, (bool, str)) for e in setting):
-            return setting[int(t * (len(setting) - 1))]  # booleans and strings step, as in mergekit
-        # a gradient: piecewise-linear interpolation between evenly spaced points
-        scaled = t * (len(setting) - 1)
-        i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
-        frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
-    for cond in setting:
-        if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
-            return evaluate(cond.value, tensor_name, t)
-    return None

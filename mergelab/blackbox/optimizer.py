@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 from pydantic import Field
 
-from mergelab.blackbox.spec import Strict
 from mergelab.errors import RecipeError
+from mergelab.user_yaml import Strict
 
 
 class OptimizerSpec(Strict):

@@ -1,7 +1,7 @@
-"""What every search job file shares: the strict schema base, reading and validating the file,
-the workers' settings and the split ranges.
+"""What every search job file shares, on top of what every user YAML shares (`mergelab.user_yaml`:
+the strict schema base, reading and validating the file): the job file's reading, the workers'
+settings and the split ranges.
 
-    spec = validated(JobSpec, data, "job.yaml")           # one-line RecipeError naming the key
     job = load_job_file(path, "search", parse_job)         # parse_job(data, root, label, path)
     parse_split("validation[0:100]", "splits.fitness")     # -> SplitRange("validation", 0, 100)
 """
@@ -12,22 +12,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from mergelab.errors import RecipeError
-from mergelab.recipe import describe_validation_error, read_yaml_mapping
+from mergelab.user_yaml import Strict, read_yaml_mapping
 
-S = TypeVar("S", bound=BaseModel)
 J = TypeVar("J")
 SPLIT_RE = re.compile(r"^(\w+)(?:\[(\d*):(\d*)\])?$")
-
-
-class Strict(BaseModel):
-    """The base of every job schema: unknown keys are errors, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class WorkerSpec(Strict):
@@ -43,15 +36,6 @@ def load_job_file(path: str | os.PathLike[str], shape: str, parse: Callable[[dic
     path = Path(path)
     data = read_yaml_mapping(path, "job", shape)
     return parse(data, path.resolve().parent, str(path), path)
-
-
-def validated(schema: type[S], data: Any, label: str) -> S:
-    """`data` checked against `schema`; the first error as one line naming the key (an unknown
-    top-level key lists the allowed ones)."""
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(f"{label}: {describe_validation_error(exc, tuple(schema.model_fields))}") from None
 
 
 def check_device(workers: WorkerSpec, label: str) -> None:

@@ -15,7 +15,9 @@ from mergelab.errors import RecipeError
 from mergelab.evolve.schema import GLOBAL, SearchEntry
 from mergelab.methods import get_method
 from mergelab.methods.base import REQUIRED, MergeMethod, Param
-from mergelab.recipe import Conditional, Recipe, Setting, evaluate, resolve_path
+from mergelab.recipe import Recipe
+from mergelab.settings import Conditional, Setting, evaluate
+from mergelab.user_yaml import resolve_path
 
 DEFAULT_GROUPS = 3  # the short form searches each model's weight per third of the stack
 DEFAULT_HIGH = 1.5  # ... between 0 and this

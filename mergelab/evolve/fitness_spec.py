@@ -15,7 +15,8 @@ from mergelab.errors import MergelabError, RecipeError
 from mergelab.evolve.fitness import USES, Fitness, Goal, Normalize, Term
 from mergelab.evolve.schema import FitnessSpec, FitnessTerm, SplitSpec
 from mergelab.metrics import get_metric
-from mergelab.recipe import Recipe, resolve_path
+from mergelab.recipe import Recipe
+from mergelab.user_yaml import resolve_path
 
 
 def resolve_fitness(fit: FitnessSpec, split_spec: SplitSpec, template: Recipe, root: Path, label: str) -> Fitness:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelab.blackbox.optimizer import OptimizerSpec, check_optimizer
-from mergelab.blackbox.spec import WorkerSpec, check_device, load_job_file, validated
+from mergelab.blackbox.spec import WorkerSpec, check_device, load_job_file
 from mergelab.errors import RecipeError
 from mergelab.evolve.dimensions import default_search, dimensions
 from mergelab.evolve.fitness import Fitness
@@ -52,7 +52,8 @@ from mergelab.evolve.fitness_spec import resolve_fitness
 from mergelab.evolve.schema import JobSpec
 from mergelab.evolve.space import SearchSpace
 from mergelab.methods import get_method
-from mergelab.recipe import Recipe, load_recipe, parse_recipe, resolve_path
+from mergelab.recipe import Recipe, load_recipe, parse_recipe
+from mergelab.user_yaml import resolve_path, validated
 
 DEFAULT_METHOD = "task_arithmetic"  # the short form's template
 

@@ -10,8 +10,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, Field, model_validator
 
 from mergelab.blackbox.optimizer import OptimizerSpec
-from mergelab.blackbox.spec import Strict, WorkerSpec
+from mergelab.blackbox.spec import WorkerSpec
 from mergelab.metrics import metric_name
+from mergelab.user_yaml import Strict
 
 GLOBAL = "global"
 

@@ -26,12 +26,12 @@ from typing import Annotated, Callable, TypeVar, Union
 from pydantic import AfterValidator, Field
 
 from mergelab.blackbox.optimizer import OptimizerSpec, check_optimizer
-from mergelab.blackbox.spec import SplitRange, Strict, WorkerSpec, check_device, load_job_file, parse_split, validated
+from mergelab.blackbox.spec import SplitRange, WorkerSpec, check_device, load_job_file, parse_split
 from mergelab.errors import MergelabError, RecipeError
 from mergelab.eval.data import Example, TaskSplit, load_task, read_jsonl
 from mergelab.lora.adapter import read_config
 from mergelab.metrics import REPORTED, Metric, example_metric_name, get_metric
-from mergelab.recipe import resolve_path
+from mergelab.user_yaml import Strict, resolve_path, validated
 
 T = TypeVar("T")
 
