@@ -15,12 +15,13 @@ Each is merged in memory by the same code as `mergelab merge` and scored on the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
-from mergelab.eval import load_model, load_task, score
+from mergelab.eval import load_model, load_task, load_tokenizer, score
 
 log = logging.getLogger(__name__)
 
@@ -50,35 +51,73 @@ def uniform_recipes(root: Path, experts: dict[str, Path]) -> dict[str, dict[str,
     }
 
 
-def measure(root: Path, experts: dict[str, Path], adapters: dict[str, Path], targets: Targets,
-            lorahub: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Score the base, the experts, the uniform merges (and the pool on the LoraHub targets);
-    returns the properties with their checks, for the manifest."""
+@dataclass(frozen=True)
+class Scoring:
+    """One model to score on some skills: a folder (model or adapter), or a recipe merged in
+    memory. Picklable, so a worker process of the build can run it."""
+
+    who: str  # "base", "expert:<skill>", "uniform:<method>", "adapter:<skill>"
+    root: str  # the zoo folder (holds tasks/)
+    skills: tuple[str, ...]
+    folder: str | None = None
+    recipe: dict[str, Any] | None = None
+
+
+def scorings(root: Path, experts: dict[str, Path], adapters: dict[str, Path],
+             lorahub: tuple[str, ...] = ()) -> list[Scoring]:
+    """What `measure` scores: the base, each expert and uniform merge on the expert skills, and
+    each pool adapter on the LoraHub targets; the longest first, so workers finish together."""
+    skills, top = tuple(experts), str(root)
+    out = [Scoring(f"uniform:{name}", top, skills, recipe=data) for name, data in uniform_recipes(root, experts).items()]
+    out += [Scoring(f"expert:{s}", top, skills, folder=str(p)) for s, p in experts.items()]
+    out.append(Scoring("base", top, (*skills, *lorahub), folder=str(root / "base")))
+    if lorahub:
+        out += [Scoring(f"adapter:{s}", top, lorahub, folder=str(p)) for s, p in adapters.items()]
+    return out
+
+
+def run_scoring(item: Scoring) -> tuple[str, dict[str, float]]:
+    """`(who, skill -> test accuracy)` for one item, on one thread (the same numbers in a build's
+    worker process as in the build's own)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _model_of(item) as (model, tok):
+            tasks = {s: load_task(item.root, s, SPLIT) for s in item.skills}
+            return item.who, {s: round(score(model, tok, t, "accuracy").value, 4) for s, t in tasks.items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _model_of(item: Scoring) -> Iterator[tuple[Any, Any]]:
+    """The item's model, in eval mode, with its tokenizer (a merge's is the base's)."""
+    if item.recipe is None:
+        yield load_model(item.folder)
+        return
     from mergelab.evolve.live import LiveMerger
     from mergelab.recipe import parse_recipe
 
-    skills = list(experts)
-    tasks = {s: load_task(root, s, SPLIT) for s in [*skills, *lorahub]}
-    expert_tasks = {s: tasks[s] for s in skills}
-    base, tok = load_model(root / "base")
-    acc = {"base": _accuracy(base, tok, tasks)}
-    for skill, folder in experts.items():
-        acc[f"expert:{skill}"] = _accuracy(load_model(folder)[0], tok, expert_tasks)
-    for name, data in uniform_recipes(root, experts).items():
-        recipe = parse_recipe(data, root, f"uniform {name}")
-        live = LiveMerger(recipe, "cpu")
+    recipe = parse_recipe(item.recipe, Path(item.root), item.who)
+    live = LiveMerger(recipe, "cpu")
+    try:
         live.set_recipe(recipe)  # the live model holds the merge only once a recipe is set
-        acc[f"uniform:{name}"] = _accuracy(live.model, tok, expert_tasks)
+        yield live.model, load_tokenizer(Path(item.root) / "base")
+    finally:
         live.close()
-    if lorahub:
-        target_tasks = {s: tasks[s] for s in lorahub}
-        for skill, folder in adapters.items():
-            acc[f"adapter:{skill}"] = _accuracy(load_model(folder)[0], tok, target_tasks)
-    return summarize(acc, skills, lorahub, targets)
 
 
-def _accuracy(model: Any, tok: Any, tasks: dict[str, Any]) -> dict[str, float]:
-    return {s: round(score(model, tok, t, "accuracy").value, 4) for s, t in tasks.items()}
+def measure(root: Path, experts: dict[str, Path], adapters: dict[str, Path], targets: Targets,
+            lorahub: tuple[str, ...] = (), map_fn: Callable[..., Iterable[Any]] = map) -> dict[str, Any]:
+    """Score the base, the experts, the uniform merges (and the pool on the LoraHub targets),
+    each item through `map_fn` (the build passes its worker pool's); returns the properties with
+    their checks, for the manifest."""
+    acc = dict(map_fn(run_scoring, scorings(root, experts, adapters, lorahub)))
+    order = ["base", *[f"expert:{s}" for s in experts], *[f"uniform:{n}" for n in uniform_recipes(root, experts)],
+             *[f"adapter:{s}" for s in adapters if lorahub]]
+    return summarize({who: acc[who] for who in order}, list(experts), lorahub, targets)
 
 
 def summarize(acc: dict[str, dict[str, float]], skills: list[str], lorahub: tuple[str, ...],

@@ -3,7 +3,7 @@
 The skills differ in kind (arithmetic, string transformation, sorting, character mapping,
 positional lookup, counting), so that a model tuned on one is worse at the others and merging
 has work to do. Which skill plays which part in the zoo (general knowledge of the base, expert,
-adapter, LoraHub target) is set in `mergelab.zoo.build`.
+adapter, LoraHub target) is set in `mergelab.zoo.roles`.
 
 Every prompt starts with a word naming the skill and ends with `=`; the answer follows it
 directly. All text uses the alphabet of `mergelab.zoo.tokenizer` (lowercase letters, digits, ` +=`).
