@@ -5,14 +5,25 @@ back no other. An actor whose process dies (killed, out of memory, a lost node) 
 its candidate goes back to the front of the queue for the next free worker; the search goes on.
 An evaluator that cannot be built (a bad recipe, a missing file) fails the pool at once with its
 own error. All Ray calls of mergelab are in this file.
+
+Joining a cluster (`address` HOST:PORT) is checked first, in well under a second: a port where
+nothing listens, or a head that refuses this machine's token (Ray's token authentication:
+RAY_AUTH_MODE, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), is a one-line
+`WorkerError` that says what to set, instead of Ray's 20 s of retries and their log lines.
+Ray's own logs stay off the terminal unless mergelab logs at DEBUG (`mergelab --debug`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
-from typing import Any, Callable
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from mergelab.blackbox.pool import Done, Evaluation, Evaluator, Genome, WorkerError
 
@@ -54,10 +65,7 @@ class RayBackend:
         self.ray = ray
         self._owns_ray = not ray.is_initialized()  # then close() shuts it down, or its threads keep the process alive
         if self._owns_ray:
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=count, include_dashboard=False, log_to_driver=False)
+            _init(ray, address, count)
         self._factory, self._max_deaths = factory, max_deaths
         self._gpus = _gpus_per_worker(ray, device, count)
         self._deaths = 0
@@ -173,3 +181,115 @@ def _gpus_per_worker(ray: Any, device: str, count: int) -> float:
     if not total:
         raise WorkerError(f"workers.device is {device} but the Ray cluster has no GPU")
     return min(1.0, total / count)
+
+
+# ---------------------------------------------------------------- joining a cluster
+GIVE_TOKEN = ("give this machine the cluster's token (`ray get-auth-token` on the head prints it) in "
+              "~/.ray/auth_token, in a file named by RAY_AUTH_TOKEN_PATH, or in RAY_AUTH_TOKEN")
+
+
+def _init(ray: Any, address: str | None, count: int) -> None:
+    """Start Ray on this machine (`count` CPUs), or join the cluster at `address`; quiet unless DEBUG."""
+    debug = log.isEnabledFor(logging.DEBUG)
+    quiet = {"log_to_driver": debug, "logging_level": logging.INFO if debug else logging.ERROR}
+    if not address:
+        ray.init(num_cpus=count, include_dashboard=False, **quiet)
+        return
+    if "://" not in address and address != "auto":
+        _check_join(ray, address)
+    try:
+        ray.init(address=address, **quiet)
+    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, ...
+        raise _join_error(ray, address, exc) from exc
+
+
+def _check_join(ray: Any, address: str) -> None:
+    """Fail fast where Ray would retry for 20 s: nothing listening at `address`, or a refused token."""
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit()):
+        raise WorkerError(f"the Ray address {address!r} is not HOST:PORT (the head's IP and the port of `ray start --head`)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise WorkerError(f"no Ray cluster answers at {address} ({exc}): start one there with `ray start --head "
+                          f"--port {port}`, or give the head's IP:PORT") from None
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and _token_source() is None:
+        raise WorkerError(_token_advice(address))  # Ray's C++ client would end the process
+    try:
+        from ray._raylet import GcsClient  # the client ray.init itself makes first
+    except ImportError:  # another Ray: ray.init's own error, mapped by _join_error
+        return
+    try:
+        with _stderr_to_debug_log():  # Ray's C++ client logs the refusal once on fd 2
+            GcsClient(address=address, cluster_id=None)
+    except Exception as exc:  # noqa: BLE001 - anything but a refused token: ray.init tries and says
+        if _refused(ray, exc):
+            raise _join_error(ray, address, exc) from exc
+        log.debug("probing the Ray cluster at %s: %s", address, exc)
+
+
+def _refused(ray: Any, exc: BaseException) -> bool:
+    """Whether Ray's token authentication is what failed, anywhere in `exc`'s chain."""
+    return any(isinstance(c, getattr(ray.exceptions, "AuthenticationError", ())) for c in _chain(exc))
+
+
+def _join_error(ray: Any, address: str, exc: BaseException) -> WorkerError:
+    """One line for a failed join: what to set when the head wants a token, else Ray's first line."""
+    if _refused(ray, exc):
+        return WorkerError(_token_advice(address))
+    innermost = list(_chain(exc))[-1]
+    first = (str(innermost).strip().splitlines() or [type(innermost).__name__])[0][:300]
+    return WorkerError(f"could not join the Ray cluster at {address}: {first}")
+
+
+def _token_advice(address: str) -> str:
+    """What to do about a token the head refused, from this machine's RAY_AUTH_* settings."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return (f"the Ray cluster at {address} requires a token and RAY_AUTH_MODE is not 'token' here: export "
+                f"RAY_AUTH_MODE=token and {GIVE_TOKEN}; or start the whole cluster with RAY_AUTH_MODE=disabled")
+    source = _token_source()
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if source is None and named:
+        return (f"cannot join the Ray cluster at {address}: RAY_AUTH_MODE is 'token' but RAY_AUTH_TOKEN_PATH={named} "
+                f"is missing or empty: {GIVE_TOKEN}")
+    if source is None:
+        return f"cannot join the Ray cluster at {address}: RAY_AUTH_MODE is 'token' but this machine has no token: {GIVE_TOKEN}"
+    return (f"the Ray cluster at {address} refused this machine's token (from {source}): use the head's "
+            f"(`ray get-auth-token` on the head prints it)")
+
+
+def _token_source() -> str | None:
+    """Where Ray reads this machine's token, in Ray's order (None: nowhere)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named) if named else Path.home() / ".ray" / "auth_token"
+    readable = path.is_file() and bool(path.read_text().strip())
+    label = f"RAY_AUTH_TOKEN_PATH={named}" if named else "~/.ray/auth_token"
+    return label if readable else None
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc`, then its cause (or context), and so on."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+@contextlib.contextmanager
+def _stderr_to_debug_log() -> Iterator[None]:
+    """Send what is written on file descriptor 2 (C++ logs) to this module's DEBUG log instead."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as held:
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines():
+                log.debug("ray: %s", line)
