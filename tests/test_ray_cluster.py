@@ -13,6 +13,7 @@ The head runs in its own session and its own temp dir; teardown stops exactly th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -66,9 +67,9 @@ def _stop(head: subprocess.Popen) -> None:
         pass
 
 
-@pytest.fixture(scope="module")
-def token_head() -> Iterator[str]:
-    """A one-CPU head on 127.0.0.1 that asks for TOKEN; yields its address HOST:PORT."""
+@contextlib.contextmanager
+def _head(**ray_auth: str) -> Iterator[str]:
+    """A one-CPU head on 127.0.0.1 started with `ray_auth`; yields its address HOST:PORT."""
     temp = tempfile.mkdtemp(prefix="mlray", dir="/tmp")  # short: Ray's socket paths live under it
     port = _free_port()
     command = [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
@@ -76,8 +77,8 @@ def token_head() -> Iterator[str]:
                "--dashboard-agent-listen-port", str(_free_port())]
     log = Path(temp) / "head.log"
     with log.open("wb") as out:
-        head = subprocess.Popen(command, env=_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        head = subprocess.Popen(command, env=_env(**ray_auth), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while "Ray runtime started" not in log.read_text(errors="replace"):
@@ -87,6 +88,13 @@ def token_head() -> Iterator[str]:
     finally:
         _stop(head)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def token_head() -> Iterator[str]:
+    """A head that asks for TOKEN."""
+    with _head(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN) as address:
+        yield address
 
 
 def _search(job: Path, run: Path, address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -126,6 +134,33 @@ def test_with_the_token_the_candidates_run_on_the_cluster(token_head: str, tmp_p
     assert sorted(t.index for t in trials) == [0, 1, 2] and {t.worker for t in trials} == {"w0"}
     assert (tmp_path / "run" / loop.BEST).is_file()
     assert "Ray cluster" not in done.stderr and ".cc:" not in done.stderr, done.stderr  # Ray's Python and C++ logs
+
+
+POOL = """import os, sys
+from mergelab.blackbox.pool import WorkerError, WorkerPool
+try:
+    pool = WorkerPool(dict, 1, address=sys.argv[1])  # an actor holding a dict: joining and starting only
+except WorkerError as exc:
+    sys.exit(str(exc))
+assert pool._backend.pids["w0"] != os.getpid()
+pool.close()
+"""
+
+
+@slow
+def test_without_token_authentication_on_both_sides_and_mixed(tmp_path: Path) -> None:
+    """RAY_AUTH_MODE=disabled on the head and here: the worker starts. Token mode here only: this
+    driver refuses the cluster's calls, its worker dies at once, and the error says to align the modes."""
+    with _head(RAY_AUTH_MODE="disabled") as address:
+        pool = [sys.executable, "-c", POOL, address]
+        done = subprocess.run(pool, env=_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
+        env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+        done = subprocess.run(pool, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.startswith("a worker died while starting: "), done.stderr[-3000:]
+    assert done.stderr.endswith("(RAY_AUTH_MODE is 'token' here: if the cluster was started without token "
+                                "authentication, this machine refuses its calls; set the same RAY_AUTH_MODE on "
+                                "every machine)\n"), done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- no cluster needed (fast)

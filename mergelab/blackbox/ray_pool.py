@@ -6,11 +6,9 @@ its candidate goes back to the front of the queue for the next free worker; the 
 An evaluator that cannot be built (a bad recipe, a missing file) fails the pool at once with its
 own error. All Ray calls of mergelab are in this file.
 
-Joining a cluster (`address` HOST:PORT) is checked first, in well under a second: a port where
-nothing listens, or a head that refuses this machine's token (Ray's token authentication:
-RAY_AUTH_MODE, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), is a one-line
-`WorkerError` that says what to set, instead of Ray's 20 s of retries and their log lines.
-Ray's own logs stay off the terminal unless mergelab logs at DEBUG (`mergelab --debug`).
+Joining a cluster (`address` HOST:PORT) is checked first: nothing listening, or a head refusing this
+machine's token (RAY_AUTH_MODE, RAY_AUTH_TOKEN[_PATH], ~/.ray/auth_token), is one `WorkerError` line
+saying what to set, not Ray's 20 s of retries. Ray's own logs show only at DEBUG (`mergelab --debug`).
 """
 
 from __future__ import annotations
@@ -96,7 +94,7 @@ class RayBackend:
             raise _cause(exc) from None
         except self.ray.exceptions.RayActorError as exc:
             self._kill(actors)
-            raise WorkerError(f"a worker died while starting: {str(exc).splitlines()[0]}") from None
+            raise WorkerError(f"a worker died while starting: {str(exc).splitlines()[0]}{_mode_hint()}") from None
         self.pids.update({self._names[a]: pid for a, pid in zip(actors, pids)})
         self._idle.extend(actors)
 
@@ -247,15 +245,20 @@ def _token_advice(address: str) -> str:
     if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
         return (f"the Ray cluster at {address} requires a token and RAY_AUTH_MODE is not 'token' here: export "
                 f"RAY_AUTH_MODE=token and {GIVE_TOKEN}; or start the whole cluster with RAY_AUTH_MODE=disabled")
-    source = _token_source()
-    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if source is None and named:
-        return (f"cannot join the Ray cluster at {address}: RAY_AUTH_MODE is 'token' but RAY_AUTH_TOKEN_PATH={named} "
-                f"is missing or empty: {GIVE_TOKEN}")
+    source, named = _token_source(), os.environ.get("RAY_AUTH_TOKEN_PATH")
     if source is None:
-        return f"cannot join the Ray cluster at {address}: RAY_AUTH_MODE is 'token' but this machine has no token: {GIVE_TOKEN}"
+        missing = f"RAY_AUTH_TOKEN_PATH={named} is missing or empty" if named else "this machine has no token"
+        return f"cannot join the Ray cluster at {address}: RAY_AUTH_MODE is 'token' but {missing}: {GIVE_TOKEN}"
     return (f"the Ray cluster at {address} refused this machine's token (from {source}): use the head's "
             f"(`ray get-auth-token` on the head prints it)")
+
+
+def _mode_hint() -> str:
+    """A driver in token mode refuses a token-less cluster's calls: its actors die at once."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return ""
+    return (" (RAY_AUTH_MODE is 'token' here: if the cluster was started without token authentication, this "
+            "machine refuses its calls; set the same RAY_AUTH_MODE on every machine)")
 
 
 def _token_source() -> str | None:
