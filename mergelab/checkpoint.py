@@ -179,7 +179,7 @@ class Checkpoint:
             if not allow_pickle:
                 raise CheckpointError(
                     f"{self.path}: only pickled .bin weights found; pickles can run code when loaded, "
-                    "pass --allow-pickle to load them anyway (with torch.load(weights_only=True))"
+                    "pass allow_pickle=True to load them anyway (with torch.load(weights_only=True))", arguments=("allow_pickle",)
                 )
             return self._index_pickle()
         raise CheckpointError(f"{self.path}: no model.safetensors or {INDEX_FILE} in this folder")

@@ -1,6 +1,7 @@
 """The `mergelab` command: one group of subcommands, each a thin layer over the Python API.
 
-Bad input raises `MergelabError`; it is printed on one line and the exit code is 2
+Bad input raises `MergelabError`; it is printed on one line, with the Python arguments it names
+spelled as this command's flags (`device='cuda:9'` -> `--device cuda:9`), and the exit code is 2
 (`--debug` shows the traceback instead).
 """
 
@@ -12,6 +13,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from mergelab.cli_errors import as_flags, flags
 from mergelab.cli_extract import add_extract_lora
 from mergelab.cli_mergekit import add_mergekit_flags, apply_mergekit_flags
 from mergelab.errors import MergelabError
@@ -243,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    code = _run(args)
+    code = _run(args, parser)
     if argv is None and args.command == "merge":
         _exit_now(code)
     return code
@@ -258,14 +260,13 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         return int(args.func(args) or 0)
     except MergelabError as exc:
         if args.debug:
             raise
-        message = " ".join(str(exc).split())  # one line, always
-        print(f"mergelab: error: {message}", file=sys.stderr)
+        print(f"mergelab: error: {as_flags(exc, flags(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mergelab: interrupted", file=sys.stderr)

@@ -10,15 +10,17 @@ import torch
 
 from mergelab.errors import RecipeError
 
+ARG = ("device",)  # the argument the errors name
+
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """A torch device, checked to exist: `cpu`, `cuda`, `cuda:1`, `mps`."""
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise RecipeError(f"--device: unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        raise RecipeError(f"device={str(device)!r}: unknown device; use cpu, cuda or cuda:N", arguments=ARG) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"--device {device}: no CUDA device is available on this machine; use --device cpu")
+        raise RecipeError(f"device={str(device)!r}: no CUDA device is available on this machine; use device='cpu'", arguments=ARG)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise RecipeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise RecipeError(f"device={str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here", arguments=ARG)
     return dev

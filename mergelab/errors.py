@@ -3,13 +3,22 @@
 Every message names the file, key or tensor at fault and, where there is one, the fix.
 The CLI prints a `MergelabError` on one line and exits with code 2; anything else is a bug
 and keeps its traceback.
+
+A message that names an argument of the Python API writes it as a call would (`device='cuda:9'`,
+`overwrite=True`, `rank=0`) and lists the argument in `arguments`; the CLI shows its own flag
+in its place (`--device cuda:9`, `--overwrite`, `--rank 0`).
 """
 
 from __future__ import annotations
 
 
 class MergelabError(Exception):
-    """Base of all user-facing errors (bad recipe, bad checkpoint, bad job)."""
+    """Base of all user-facing errors (bad recipe, bad checkpoint, bad job); `arguments`: the Python
+    arguments the message names, as `name=value`."""
+
+    def __init__(self, message: str = "", *, arguments: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.arguments = arguments
 
 
 class RecipeError(MergelabError, ValueError):
@@ -25,7 +34,7 @@ class PlanError(MergelabError, ValueError):
 
 
 class OutputError(MergelabError, OSError):
-    """The output location cannot be written (exists without --overwrite, ...)."""
+    """The output location cannot be written (exists without overwrite=True, ...)."""
 
 
 class DataError(MergelabError, ValueError):

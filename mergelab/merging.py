@@ -62,7 +62,7 @@ def merge(
         recipe = recipe.model_copy(update={"arithmetic": "float32"})
     folder = OutputFolder(out, overwrite)
     size = parse_size(shard_size)
-    budget = parse_size(memory, "--memory") if memory is not None else None
+    budget = parse_size(memory, "memory") if memory is not None else None
     resolve_device(device)
     plan = make_plan(recipe, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
     chat_template = _chat_template(recipe)

@@ -132,7 +132,7 @@ def _open_checkpoints(recipe: Recipe, allow_pickle: bool, opened: dict[ModelRef,
             ckpts[ref] = bases[ref.path] if ref.adapter is None else AdaptedCheckpoint(bases[ref.path], load_adapter(ref.adapter))
         except CheckpointError as exc:
             hint = " (for base+adapter, the adapter folder must hold adapter_config.json)" if "+" in ref.path.name else ""
-            raise CheckpointError(f"{key}: {exc}{hint}") from None
+            raise CheckpointError(f"{key}: {exc}{hint}", arguments=exc.arguments) from None
         keys[ref] = key
     return ckpts, keys
 

@@ -54,8 +54,8 @@ def check_architectures(ckpts: dict[ModelRef, TensorSource], keys: dict[ModelRef
     kinds = {(c.config.get("model_type"), tuple(c.config.get("architectures") or ())) for c in ckpts.values() if c.config}
     if len({k[0] for k in kinds}) > 1:
         found = ", ".join(f"{keys[ref]}={c.config.get('model_type')}" for ref, c in ckpts.items())
-        raise PlanError(f"models have different architectures ({found}); pass --allow-crimes to merge them anyway, "
-                        "tensor by tensor")
+        raise PlanError(f"models have different architectures ({found}); pass allow_crimes=True to merge them anyway, "
+                        "tensor by tensor", arguments=("allow_crimes",))
 
 
 def check_slice(s: LayerSlice, method: MergeMethod, ckpts: dict[ModelRef, TensorSource]) -> None:

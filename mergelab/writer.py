@@ -28,16 +28,16 @@ log = logging.getLogger(__name__)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def parse_size(text: str | int, option: str = "--shard-size") -> int:
-    """'5GB' -> 5_000_000_000 (decimal units as in transformers; KiB/MiB/GiB binary); `option` names it in errors."""
+def parse_size(text: str | int, argument: str = "shard_size") -> int:
+    """'5GB' -> 5_000_000_000 (decimal units as in transformers; KiB/MiB/GiB binary); `argument` names it in errors."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m[2].upper() not in _UNITS:
-        raise RecipeError(f"{option}: cannot read {text!r}; use e.g. 5GB, 500MB, 2GiB")
+        raise RecipeError(f"{argument}={text!r}: not a size; use e.g. 5GB, 500MB, 2GiB", arguments=(argument,))
     size = int(float(m[1]) * _UNITS[m[2].upper()])
     if size <= 0:
-        raise RecipeError(f"{option}: must be positive, got {text!r}")
+        raise RecipeError(f"{argument}={text!r}: must be positive", arguments=(argument,))
     return size
 
 
@@ -141,7 +141,7 @@ class OutputFolder:
         self.final = Path(out).resolve()
         self.partial = self.final.with_name(self.final.name + ".partial")
         if self.final.exists() and not overwrite:
-            raise OutputError(f"{self.final}: already exists; pass --overwrite to replace it")
+            raise OutputError(f"{self.final}: already exists; pass overwrite=True to replace it", arguments=("overwrite",))
         if self.final.exists() and not self.final.is_dir():
             raise OutputError(f"{self.final}: exists and is not a folder")
         self.overwrite = overwrite

@@ -56,7 +56,7 @@ def test_search_improves_resumes_and_best_yaml_reproduces(tmp_path: Path, zoo_di
     result = loop.run_search(job, run, resume=True, progress=False)
     assert len(evaluated) == 3 and [t.index for t in loop.read_trials(run)] == list(range(7))
     assert (run / loop.TRIALS).read_text().splitlines()[:4] == lines
-    with pytest.raises(Exception, match="pass --resume"):
+    with pytest.raises(Exception, match="pass resume=True"):
         loop.run_search(job, run, progress=False)
 
     # the search beat its start on the fitness split by a margin (the loss is the share of each

@@ -46,8 +46,8 @@ def evaluate(
     is_skill = root is not None and (tasks_root(root) / task).is_dir()
     is_file = Path(task).is_file()
     if metric in example_metrics() and not (is_skill or is_file):
-        where = f"in {tasks_root(root)}" if root is not None else "(no zoo found; pass --zoo DIR)"
-        raise DataError(f"no task {task!r} {where}; give a zoo skill, a JSONL file, or use --metric lm-eval")
+        where = f"in {tasks_root(root)}" if root is not None else "(no zoo found; pass zoo=DIR)"
+        raise DataError(f"no task {task!r} {where}; give a zoo skill, a JSONL file, or use metric='lm-eval'", arguments=("zoo", "metric"))
     model, tokenizer = load_model(model_dir)
     if is_file and metric != LM_EVAL:
         data = TaskSplit(Path(task).stem, "file", read_jsonl(task)).head(limit)

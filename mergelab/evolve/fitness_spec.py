@@ -85,7 +85,7 @@ def _check_lm_eval_term(term: FitnessTerm, splits: dict[str, SplitRange], root: 
     try:
         name, folder = _resolve(lm_eval_task(term, root), None)
     except MergelabError as exc:
-        raise RecipeError(f"{where}.task: {exc}") from None
+        raise RecipeError(f"{where}.task: {exc}", arguments=exc.arguments) from None
     manager = lm_eval.tasks.TaskManager(include_path=str(folder) if folder else None, include_defaults=folder is None)
     if name not in manager.all_tasks:
         raise RecipeError(f"{where}.task: unknown lm-eval task '{term.task}' (neither a task folder nor a task name)")

@@ -105,7 +105,8 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
     run_dir.mkdir(parents=True, exist_ok=True)
     told = read_trials(run_dir)
     if told and not resume:
-        raise OutputError(f"{run_dir / TRIALS}: already holds {len(told)} trials; pass --resume to continue, or another run folder")
+        raise OutputError(f"{run_dir / TRIALS}: already holds {len(told)} trials; pass resume=True to continue, or another run folder",
+                          arguments=("resume",))
     space, opt, spec = job.space, job.optimizer, job.workers
     count = workers or spec.count
     optimizer = make_optimizer(opt.name, opt.options, space.parametrization(seed=opt.seed), opt.budget, count, str(job.path))

@@ -95,13 +95,13 @@ def combine(adapters: Sequence[LoraAdapter], weights: Sequence[float], *, method
 # ---------------------------------------------------------------- checks
 def _check_inputs(adapters: Sequence[LoraAdapter], weights: Sequence[float], method: str, rank: int | None) -> None:
     if method not in METHODS:
-        raise RecipeError(f"--method: unknown composition {method!r}; choose one of {', '.join(METHODS)}")
+        raise RecipeError(f"method={method!r}: unknown composition; choose one of {', '.join(METHODS)}", arguments=("method",))
     if not adapters:
         raise RecipeError("no adapters to compose")
     if len(weights) != len(adapters):
         raise RecipeError(f"{len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
     if rank is not None and rank < 1:
-        raise RecipeError(f"--rank: must be a positive integer, got {rank}")
+        raise RecipeError(f"rank={rank}: must be a positive integer", arguments=("rank",))
     bases = {a.base_model for a in adapters if a.base_model}
     if len(bases) > 1:
         found = ", ".join(f"{a.label()}: {a.base_model}" for a in adapters)
@@ -198,7 +198,10 @@ def _update_merger(method_name: str, density: float, options: dict[str, Any], se
         opts[key] = param.check(value, f"options.{key}")
     density_param = method.param("density")
     if density_param is not None:
-        density = density_param.check(density, "--density")
+        try:
+            density = density_param.check(density, "density")
+        except RecipeError as exc:  # the same error, naming the argument
+            raise RecipeError(str(exc), arguments=("density",)) from None
 
     def merge(name: str, updates: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         params = [{"weight": w, "density": density} for w in weights]

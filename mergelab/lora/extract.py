@@ -71,9 +71,9 @@ def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out
 
 def _check(options: ExtractOptions) -> None:
     if options.max_rank < 1:
-        raise RecipeError(f"--max-rank: must be a positive integer, got {options.max_rank}")
+        raise RecipeError(f"max_rank={options.max_rank}: must be a positive integer", arguments=("max_rank",))
     if options.sv_epsilon < 0:
-        raise RecipeError(f"--sv-epsilon: must be >= 0, got {options.sv_epsilon}")
+        raise RecipeError(f"sv_epsilon={options.sv_epsilon}: must be >= 0", arguments=("sv_epsilon",))
 
 
 def _check_unfused(plan: ExtractionPlan, ft: Checkpoint) -> None:

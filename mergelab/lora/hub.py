@@ -92,7 +92,7 @@ def run_lorahub(job: HubJob, out: str | os.PathLike[str], *, overwrite: bool = F
     `device`, `workers`, `address` and `budget` override the job's settings."""
     budget = budget if budget is not None else job.optimizer.budget
     if budget < 1:
-        raise RecipeError(f"--budget: must be at least 1, got {budget}")
+        raise RecipeError(f"budget={budget}: must be at least 1", arguments=("budget",))
     folder = OutputFolder(out, overwrite)
     pool = load_pool(job.adapters)  # 1) fail before any model is loaded
     spec = job.workers

@@ -190,4 +190,4 @@ def _reworded(load: Callable[[], T], where: str) -> T:
     try:
         return load()
     except MergelabError as exc:
-        raise RecipeError(f"{where}: {exc}") from None
+        raise RecipeError(f"{where}: {exc}", arguments=exc.arguments) from None
