@@ -1,5 +1,5 @@
-"""`mergelab extract-lora`: mergekit-extract-lora's factors bit for bit (goldens made by
-`tests/golden/make_golden_extract.py`), PEFT loads every adapter and merging it into the base
+"""`mergelab extract-lora`: mergekit-extract-lora's adapters (goldens made by
+`tests/golden/make_golden_extract.py`: same modules and ranks, B @ A to float rounding), PEFT loads every adapter and merging it into the base
 gives back the fine-tune: to float32 rounding at full rank, within the dropped singular values
 at a threshold; embeddings and head as LoRA or in full; include / exclude / save-module."""
 
@@ -56,7 +56,13 @@ def test_matches_mergekit(case: str, models: dict[str, Path], tmp_path: Path) ->
     assert ours.modules.keys() == theirs.modules.keys()
     for name, m in theirs.modules.items():
         assert (ours.modules[name].kind, ours.modules[name].scale) == (m.kind, 1.0), name
-        assert torch.equal(ours.modules[name].A, m.A) and torch.equal(ours.modules[name].B, m.B), name
+        # The factors are bit-identical on the machine that made the goldens; on another machine
+        # LAPACK's SVD differs in the last bits, and may flip a singular pair's sign (A off by 0.19
+        # on one build, B @ A by 4e-7), so the shapes (rank) and the product are compared.
+        assert ours.modules[name].A.shape == m.A.shape and ours.modules[name].B.shape == m.B.shape, name
+        product = m.B @ m.A
+        assert torch.allclose(ours.modules[name].B @ ours.modules[name].A, product, rtol=0,
+                              atol=1e-5 * float(product.abs().max()) + 1e-7), name
     # mergekit also saves excluded norms once a norm of the same last name is saved (its modules_to_save are last names)
     excluded_by_name = {n for n in theirs.full if "layers.3." in n} if case == "epsilon_embed" else set()
     assert ours.full.keys() == theirs.full.keys() - excluded_by_name

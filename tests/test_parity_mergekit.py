@@ -30,6 +30,11 @@ CASES = sorted(MANIFEST["cases"])
 # boost promotes the method's bfloat16 arithmetic, and mergekit never casts back); mergelab writes
 # the recipe's dtype, which must be mergekit's float32 result rounded to it.
 WIDENED = {"ramplus_tl_bf16", "arcee_fusion_bf16"}
+# Karcher iterates on float32 vector norms, whose summation order follows the CPU's vector width:
+# mergekit's own result moves by an ulp from one machine to another (9e-8 on lm_head between the
+# machine that made the goldens and a later one, where mergelab and mergekit still agreed bit for
+# bit). Against stored goldens these cases allow a few float32 ulps.
+MACHINE_ROUNDED = {"karcher", "karcher_base_joins"}
 
 
 def _write_model(inputs: Path, folder: Path, config: dict) -> None:
@@ -97,7 +102,8 @@ def test_matches_mergekit(case: str, workdir: Path) -> None:
             assert expected.dtype == torch.float32 and ours[name].dtype == torch.bfloat16, name
             expected = expected.to(torch.bfloat16)
         assert ours[name].dtype == expected.dtype, name
-        torch.testing.assert_close(ours[name], expected, rtol=0, atol=0, msg=lambda m: f"{case} {name}: {m}")
+        ulps = 4 * torch.finfo(expected.dtype).eps * float(expected.abs().max()) if case in MACHINE_ROUNDED else 0.0
+        torch.testing.assert_close(ours[name], expected, rtol=0, atol=ulps, msg=lambda m: f"{case} {name}: {m}")
     config = json.loads((out / "config.json").read_text())
     assert config[layer_count_key(config)] == MANIFEST["cases"][case]["layers"]
 

@@ -129,7 +129,8 @@ def _check_replaceable(out: Path, seed: int, reduced: bool, overwrite: bool) -> 
     if manifest is not None and _settings(manifest) != _settings_of(seed, reduced):
         same_plan = _settings(manifest)[2] == _settings_of(seed, reduced)[2]
         built = f"seed={manifest.get('seed')} reduced={manifest.get('reduced')}" + ("" if same_plan else " and an older training plan")
-        raise OutputError(f"{out}: holds a zoo built with {built}; pass overwrite=True (--overwrite) or choose another folder")
+        raise OutputError(f"{out}: holds a zoo built with {built}; pass overwrite=True or choose another folder",
+                          arguments=("overwrite",))
     foreign = sorted(p.name for p in out.iterdir() if p.name not in {"base", "experts", "adapters", "tasks", MANIFEST})
     if foreign:
         raise OutputError(f"{out}: exists and is not a zoo (it has {', '.join(foreign[:3])}); choose another folder")
