@@ -110,7 +110,7 @@ def test_bad_jobs_give_one_line_errors_naming_the_key(world: Path, edit: dict, t
 
 
 def test_normalising_by_experts_needs_an_expert(world: Path) -> None:
-    with pytest.raises(RecipeError, match=r"fitness.terms\[0\].expert: no model of the recipe is named 'add'"):
+    with pytest.raises(RecipeError, match=r"fitness.terms\[0\].expert: no source model is named 'add'"):
         job_with(world, {"recipe.models.0.model": "models/base", "search.0.model": "models/base",
                          "search.1.model": "models/base"})
 

@@ -1,4 +1,5 @@
-"""What each worker of `mergelab search` holds: the live model, the fitness data, the references.
+"""What each worker of `mergelab search` holds: the live model (merged, or assembled for data-flow
+search), the fitness data, the references.
 
 Built once per worker by `functools.partial(SearchEvaluator, job, device)`; the pool calls its
 methods (`evaluate` for each candidate, the others through `WorkerPool.call`).
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from mergelab.blackbox.pool import Evaluation, Genome, Metrics
 from mergelab.eval import load_model, load_tokenizer
+from mergelab.evolve.assemble import LiveAssembler
+from mergelab.evolve.dataflow import DataflowSpace
 from mergelab.evolve.fitness import USES, Reference, make_reference
 from mergelab.evolve.job import Job
 from mergelab.evolve.live import LiveMerger
@@ -21,6 +24,14 @@ from mergelab.recipe import Recipe
 log = logging.getLogger(__name__)
 
 
+def live_model(job: Job, device: str) -> LiveMerger | LiveAssembler:
+    """Parameter space: the template merged into one live model; data-flow space: candidates
+    assembled from the source layers."""
+    if isinstance(job.space, DataflowSpace):
+        return LiveAssembler(job.space.every_layer(), device)
+    return LiveMerger(job.space.to_recipe(job.space.start()), device)
+
+
 class SearchEvaluator:
     """The live model of the job's template, and the examples of every split use."""
 
@@ -28,7 +39,7 @@ class SearchEvaluator:
         self.job = job
         self.space = job.space
         self.fitness = job.fitness
-        self.live = LiveMerger(self.space.to_recipe(self.space.start()), device)
+        self.live = live_model(job, device)
         self.tokenizer = load_tokenizer(self.live.plan.tokenizer_dir)
         self._terms = {use: term_data(job.fitness, use) for use in USES}
 
@@ -46,7 +57,7 @@ class SearchEvaluator:
         timing = self.live.set_recipe(self.space.to_recipe(genome))
         start = time.perf_counter()
         metrics = measure(self.live.model, self.tokenizer, self._terms[use])
-        return metrics, {"merge": timing.merge, "load": timing.load, "eval": time.perf_counter() - start}
+        return metrics, {**timing.as_dict(), "eval": time.perf_counter() - start}
 
     def score(self, genome: Genome, use: str) -> Metrics:
         return self.score_timed(genome, use)[0]

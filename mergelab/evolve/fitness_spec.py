@@ -3,7 +3,7 @@
 Every term's task exists with every split (a zoo task) or is an lm-eval task whose three split
 ranges are disjoint document ranges; the goal follows from the metrics' directions (registry)
 unless given; the normalisation is the gap to the experts when there are several skills; each
-term's expert is given or the template model named like its task.
+term's expert is given or the source model named like its task.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from mergelab.errors import MergelabError, RecipeError
 from mergelab.evolve.fitness import USES, Fitness, Goal, Normalize, Term
 from mergelab.evolve.schema import FitnessSpec, FitnessTerm, SplitSpec
 from mergelab.metrics import get_metric
-from mergelab.recipe import Recipe
 from mergelab.user_yaml import resolve_path
 
 
-def resolve_fitness(fit: FitnessSpec, split_spec: SplitSpec, template: Recipe, root: Path, label: str) -> Fitness:
-    """The job's fitness; every error is one line naming the key."""
+def resolve_fitness(fit: FitnessSpec, split_spec: SplitSpec, models: tuple[Path, ...], base: Path | None, root: Path,
+                    label: str) -> Fitness:
+    """The job's fitness over its source `models` (experts found by folder name) and `base` (None: none);
+    every error is one line naming the key."""
     splits = _splits(split_spec, label)
     tasks = resolve_path(root, fit.tasks or ".")
     _check_terms(fit, tasks, splits, root, label)
@@ -29,9 +30,7 @@ def resolve_fitness(fit: FitnessSpec, split_spec: SplitSpec, template: Recipe, r
     if goal is None:
         raise RecipeError(f"{label}: fitness.goal: the terms mix metrics where lower is better and where higher is "
                           "better; set goal and sign the weights")
-    experts = _experts(fit, normalize, template, root, label)
-    base_ref = template.ref(template.base_model) if template.base_model else None
-    base = (base_ref.adapter or base_ref.path) if base_ref else None
+    experts = _experts(fit, normalize, models, root, label)
     if base is None and normalize == "gap":
         raise RecipeError(f"{label}: fitness.normalize: gap measures each skill between the base model and its expert, "
                           "and the recipe has no base_model; use normalize: experts")
@@ -128,16 +127,16 @@ def _goal(fit: FitnessSpec, normalize: Normalize) -> Goal | None:
     return "minimize" if lower == {True} else "maximize"
 
 
-def _experts(fit: FitnessSpec, normalize: Normalize, template: Recipe, root: Path, label: str) -> tuple[Path | None, ...]:
-    """Per term, the expert it is normalised by: given, else the template model whose folder is named like the task."""
+def _experts(fit: FitnessSpec, normalize: Normalize, models: tuple[Path, ...], root: Path, label: str) -> tuple[Path | None, ...]:
+    """Per term, the expert it is normalised by: given, else the source model whose folder is named like the task."""
     out: list[Path | None] = []
-    by_name = {template.ref(m.model, m.adapter).path.name: template.ref(m.model, m.adapter).path for m in template.models or []}
+    by_name = {path.name: path for path in models}
     for i, term in enumerate(fit.terms):
         path = resolve_path(root, term.expert) if term.expert else by_name.get(term.task)
         if term.expert and not path.is_dir():
             raise RecipeError(f"{label}: fitness.terms[{i}].expert: {path}: folder not found")
         if path is None and normalize in ("gap", "experts"):
-            raise RecipeError(f"{label}: fitness.terms[{i}].expert: no model of the recipe is named '{term.task}'; "
+            raise RecipeError(f"{label}: fitness.terms[{i}].expert: no source model is named '{term.task}'; "
                               "give expert: or normalize: start")
         out.append(path)
     return tuple(out)

@@ -29,6 +29,12 @@ skill measured between its expert and the base (`normalize: gap`, with several s
 NGOpt over 100 candidates: the most robust setting `bench/search_quality.py` measured (README,
 "Does the default beat the hand-set merges?").
 
+A data-flow job searches layer routes instead (`dataflow.py`: the genome, the recipe it becomes):
+
+    dataflow: {models: [../zoo/experts/reverse, ../zoo/experts/sort], repeats: 2, min_layers: 2, max_layers: 8}
+    base_model: ../zoo/base                  # optional: what normalize: gap measures from
+    fitness: {tasks: ../zoo/tasks, terms: [reverse, sort]}
+
 Everything is checked before anything runs; each error is one line naming the key path. Loading
 resolves the job once into what the search runs on (`Job`): the template, the search space
 (`space.py`, from `dimensions.py`), the fitness with its terms, goal and normalisation
@@ -46,10 +52,11 @@ from typing import Any
 from mergelab.blackbox.optimizer import OptimizerSpec, check_optimizer
 from mergelab.blackbox.spec import WorkerSpec, check_device, load_job_file
 from mergelab.errors import RecipeError
+from mergelab.evolve.dataflow import DataflowSpace, dataflow_space
 from mergelab.evolve.dimensions import default_search, dimensions
 from mergelab.evolve.fitness import Fitness
 from mergelab.evolve.fitness_spec import resolve_fitness
-from mergelab.evolve.schema import JobSpec
+from mergelab.evolve.schema import DataflowSpec, JobSpec
 from mergelab.evolve.space import SearchSpace
 from mergelab.methods import get_method
 from mergelab.recipe import Recipe, load_recipe, parse_recipe
@@ -64,7 +71,7 @@ class Job:
 
     path: Path
     template: Recipe
-    space: SearchSpace
+    space: SearchSpace | DataflowSpace  # parameter space or data-flow space: one engine, two genome kinds
     fitness: Fitness
     optimizer: OptimizerSpec
     workers: WorkerSpec
@@ -78,6 +85,8 @@ def load_job(path: str | os.PathLike[str]) -> Job:
 def parse_job(data: dict, root: Path, label: str, path: Path | None = None) -> Job:
     """Validate a job given as a dict; paths are relative to `root`; `label` names it in errors."""
     spec = validated(JobSpec, data, label)
+    if spec.dataflow is not None:
+        return _dataflow_job(spec, spec.dataflow, root, label, path)
     template = _template(_recipe_source(spec, label), root, label)
     if template.models is None:
         raise RecipeError(f"{label}: recipe: the search supports `models:` templates; `slices:` is not supported yet")
@@ -86,8 +95,26 @@ def parse_job(data: dict, root: Path, label: str, path: Path | None = None) -> J
     space = SearchSpace(template, dimensions(entries, template, methods, root, label), methods)
     check_optimizer(spec.optimizer, label)
     check_device(spec.workers, label)
-    fitness = resolve_fitness(spec.fitness, spec.splits, template, root, label)
+    models = tuple(template.ref(m.model, m.adapter).path for m in template.models)
+    base_ref = template.ref(template.base_model) if template.base_model else None
+    base = (base_ref.adapter or base_ref.path) if base_ref else None
+    fitness = resolve_fitness(spec.fitness, spec.splits, models, base, root, label)
     return Job(path or root / "job.yaml", template, space, fitness, spec.optimizer, spec.workers)
+
+
+def _dataflow_job(spec: JobSpec, flow: DataflowSpec, root: Path, label: str, path: Path | None) -> Job:
+    """A data-flow job: the space from `dataflow:`, the template its start (model 0 itself);
+    `base_model:` is only what `fitness.normalize: gap` measures from."""
+    given = [k for k in ("recipe", "models", "search", "methods") if getattr(spec, k) is not None]
+    if given:
+        raise RecipeError(f"{label}: dataflow: searches layer routes, not a recipe's parameters; drop {', '.join(given)}")
+    space = dataflow_space(flow, root, label)
+    check_optimizer(spec.optimizer, label)
+    check_device(spec.workers, label)
+    models = tuple(resolve_path(root, m) for m in space.models)
+    base = resolve_path(root, spec.base_model) if spec.base_model is not None else None
+    fitness = resolve_fitness(spec.fitness, spec.splits, models, base, root, label)
+    return Job(path or root / "job.yaml", space.to_recipe(space.start()), space, fitness, spec.optimizer, spec.workers)
 
 
 def _recipe_source(spec: JobSpec, label: str) -> str | dict[str, Any]:

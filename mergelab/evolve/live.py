@@ -44,6 +44,9 @@ class CandidateTiming:
     merge: float
     load: float
 
+    def as_dict(self) -> dict[str, float]:
+        return {"merge": self.merge, "load": self.load}
+
 
 class LiveMerger:
     """Holds the source tensors and one live model; `set_recipe` merges a candidate into it."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from mergelab.blackbox.loop import Loss, ask_tell
 from mergelab.blackbox.optimizer import make_optimizer
 from mergelab.blackbox.pool import Done, Genome, Metrics, WorkerPool
 from mergelab.errors import MergelabError, OutputError
+from mergelab.evolve.dataflow import DataflowSpace, with_merged_sources
 from mergelab.evolve.evaluator import SearchEvaluator
 from mergelab.evolve.job import Job
 from mergelab.evolve.space import SearchSpace
@@ -46,7 +47,7 @@ class Trial:
 
     index: int
     genome: Genome
-    values: dict[str, Any]  # the recipe's parameters and method
+    values: dict[str, Any]  # the recipe's parameters and method (data-flow: its layers)
     metrics: Metrics
     loss: float
     seconds: dict[str, float]
@@ -64,6 +65,8 @@ class SearchResult:
 def uniform_recipe(job: Job) -> Recipe | None:
     """The template with every model's weight set to their mean: the same method, the experts
     weighted evenly (None when the models carry no weight)."""
+    if job.template.models is None:  # a data-flow job's template: a route, no weights
+        return None
     data = job.template.model_dump(mode="json", exclude_none=True, exclude={"root"})
     weights = [(m.get("parameters") or {}).get("weight") for m in data["models"]]
     if any(w is None or isinstance(w, dict) or (isinstance(w, list) and not all(isinstance(x, (int, float)) for x in w))
@@ -73,13 +76,6 @@ def uniform_recipe(job: Job) -> Recipe | None:
     for m in data["models"]:
         m["parameters"]["weight"] = mean
     return parse_recipe(data, job.template.root, "uniform recipe")
-
-
-def _values(space: SearchSpace, genome: Genome) -> dict[str, Any]:
-    recipe = space.to_recipe(genome)
-    data = recipe.model_dump(mode="json", exclude_none=True, exclude={"root"})
-    return {"merge_method": data["merge_method"], "parameters": data.get("parameters", {}),
-            "models": [m.get("parameters", {}) for m in data.get("models", [])]}
 
 
 # ---------------------------------------------------------------- trials log
@@ -107,6 +103,9 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
     if told and not resume:
         raise OutputError(f"{run_dir / TRIALS}: already holds {len(told)} trials; pass resume=True to continue, or another run folder",
                           arguments=("resume",))
+    if isinstance(job.space, DataflowSpace):  # recipe sources merged into the run folder first
+        space = with_merged_sources(job.space, run_dir, progress)
+        job = replace(job, space=space, template=space.to_recipe(space.start()))
     space, opt, spec = job.space, job.optimizer, job.workers
     count = workers or spec.count
     optimizer = make_optimizer(opt.name, opt.options, space.parametrization(seed=opt.seed), opt.budget, count, str(job.path))
@@ -128,10 +127,10 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
         return _finish(job, pool, trials, run_dir)
 
 
-def _trial(space: SearchSpace, done: Done, loss: Loss) -> Trial:
+def _trial(space: SearchSpace | DataflowSpace, done: Done, loss: Loss) -> Trial:
     if loss.error is not None:
         log.warning("trial %d: %s; scored worst", done.index, loss.error)
-    return Trial(done.index, done.genome, _values(space, done.genome), done.result.metrics, loss.value,
+    return Trial(done.index, done.genome, space.values(done.genome), done.result.metrics, loss.value,
                  done.result.seconds, done.worker, loss.error)
 
 

@@ -79,7 +79,7 @@ def _markdown(run_dir: Path, trials: list[Trial], scores: dict[str, dict[str, fl
         first = min(ok, key=lambda t: t.index)
         lines.append(f"Best fitness loss {best.loss:.4g} (trial {best.index}); the first trial's {first.loss:.4g}.")
         lines += ["", "Seconds per candidate (median): " + ", ".join(
-            f"{k} {statistics.median(t.seconds[k] for t in ok if k in t.seconds):.4f}" for k in ("merge", "load", "eval")
+            f"{k} {statistics.median(t.seconds[k] for t in ok if k in t.seconds):.4f}" for k in ("merge", "load", "plan", "assemble", "eval")
             if any(k in t.seconds for t in ok))]
         lines += ["", "## Best trial's values", "", "```json", json.dumps(best.values, indent=1), "```"]
     if (run_dir / BEST).is_file():

@@ -59,6 +59,19 @@ class SplitSpec(Strict):
     report: str = "test"
 
 
+class DataflowSpec(Strict):
+    """Data-flow (layer routing) search: which layers of which models a token passes through, in
+    what order, each with what scale (`dataflow.py`)."""
+
+    models: list[str] = Field(min_length=1)  # the source models; their layers, concatenated, are one pass of slots
+    repeats: int = Field(2, ge=1)  # the slots: that pass `repeats` times (the paper's r)
+    min_layers: int = Field(1, ge=1)  # the depth of every candidate stays within these bounds (repaired)
+    max_layers: int | None = Field(None, ge=1)  # default: one pass (the models' layers added up)
+    scale: tuple[float, float] = (0.5, 1.5)  # the bounds of each included layer's scale
+    # the tensors a layer's scale multiplies (name filters); default: the layer's output projections, by architecture
+    scale_tensors: list[str] | None = Field(None, min_length=1)
+
+
 class JobSpec(Strict):
     recipe: Union[str, dict[str, Any], None] = None
     models: list[str] | None = Field(None, min_length=2)  # the short form, instead of recipe
@@ -69,3 +82,4 @@ class JobSpec(Strict):
     optimizer: OptimizerSpec = OptimizerSpec()
     workers: WorkerSpec = WorkerSpec()
     splits: SplitSpec = SplitSpec()
+    dataflow: DataflowSpec | None = None  # a data-flow search instead of recipe:/models: and search:

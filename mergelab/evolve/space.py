@@ -90,6 +90,13 @@ class SearchSpace:
         return parse_recipe(data, self.template.root, "candidate recipe")
 
 
+    def values(self, genome: Genome) -> dict[str, Any]:
+        """What `trials.jsonl` shows of a candidate: the recipe's method and parameters."""
+        data = self.to_recipe(genome).model_dump(mode="json", exclude_none=True, exclude={"root"})
+        return {"merge_method": data["merge_method"], "parameters": data.get("parameters", {}),
+                "models": [m.get("parameters", {}) for m in data.get("models", [])]}
+
+
 def takes(method: MergeMethod, name: str) -> bool:
     """Whether `method` takes parameter `name` and uses it (mergekit-compatible inert ones do not count)."""
     p = method.param(name)

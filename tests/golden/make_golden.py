@@ -2,7 +2,7 @@
 
 Run with the mergekit venv (this script must not import mergelab):
 
-    /work/mkvenv/bin/python tests/golden/make_golden.py
+    /work/mkvenv/bin/python tests/golden/make_golden.py [CASE ...]   (CASEs only: the other goldens stay)
 
 It writes tiny random checkpoints (`inputs/<model>.safetensors`: Llama-shaped base, a, b, c
 and their bfloat16 roundings <model>_bf16, sharing `config.json`; T5-shaped t5_base, t5_a, t5_b sharing `config_t5.json`), one recipe per case
@@ -277,6 +277,15 @@ CASES: dict[str, dict] = {
                                                    {"value": 1.0}]}}]},
         ],
     },
+    # what a data-flow search writes (mergelab/evolve/dataflow.py): single-layer slices from two
+    # models, a layer used twice, each layer's output projections scaled
+    "dataflow_route": {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": m(model), "layer_range": [layer, layer + 1],
+                                 "parameters": {"scale": [{"filter": "o_proj", "value": scale},
+                                                          {"filter": "down_proj", "value": scale}]}}]}
+                   for model, layer, scale in (("b", 0, 1.0), ("a", 1, 1.25), ("b", 2, 0.75), ("a", 1, 0.5), ("a", 3, 1.0))],
+    },
     # inputs rounded to bfloat16 before merging, output bfloat16 (the math itself is float32)
     "linear_bf16": {
         "merge_method": "linear",
@@ -474,20 +483,29 @@ def _absolute(data: dict, root: Path) -> dict:
     return data
 
 
-def main() -> None:
+def main(only: list[str]) -> None:
+    """Every case from fresh inputs; with `only`, just those cases over the stored inputs (the
+    others, made on another machine, stay as they are)."""
     import mergekit  # noqa: F401  (fail early outside the mergekit venv)
     from importlib.metadata import version
 
     models = all_models()
     inputs, cases = HERE / "inputs", HERE / "cases"
-    for d in (inputs, cases):
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir()
-    for file, config in CONFIG_FILES.items():
-        (HERE / file).write_text(json.dumps(config, indent=2) + "\n")
-    for name, (tensors, _) in models.items():
-        save_file(tensors, str(inputs / f"{name}.safetensors"))
-    manifest = {"mergekit_version": version("mergekit"), "models": {n: f for n, (_, f) in models.items()}, "cases": {}}
+    if only:
+        unknown = sorted(set(only) - set(CASES))
+        if unknown:
+            raise SystemExit(f"no such case: {', '.join(unknown)}")
+        manifest = json.loads((HERE / "manifest.json").read_text())
+        models = {n: (load_file(str(inputs / f"{n}.safetensors")), f) for n, f in manifest["models"].items()}
+    else:
+        for d in (inputs, cases):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir()
+        for file, config in CONFIG_FILES.items():
+            (HERE / file).write_text(json.dumps(config, indent=2) + "\n")
+        for name, (tensors, _) in models.items():
+            save_file(tensors, str(inputs / f"{name}.safetensors"))
+        manifest = {"mergekit_version": version("mergekit"), "models": {n: f for n, (_, f) in models.items()}, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, (_, file) in models.items():  # model folders next to the recipes, as the test builds them
@@ -495,6 +513,8 @@ def main() -> None:
             shutil.copy(inputs / f"{name}.safetensors", work / "models" / name / "model.safetensors")
             (work / "models" / name / "config.json").write_text(json.dumps(CONFIG_FILES[file]))
         for case, recipe in CASES.items():
+            if only and case not in only:
+                continue
             recipe = {**recipe, "dtype": recipe.get("dtype", "float32")}
             text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
             (cases / f"{case}.yaml").write_text(text)
@@ -513,4 +533,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

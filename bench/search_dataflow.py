@@ -1,0 +1,130 @@
+"""Parameter search, data-flow search, and parameter then data-flow, at equal candidate budget.
+
+    python bench/search_dataflow.py                       # zoo seeds 0 1 2, 100 candidates per row
+    python bench/search_dataflow.py --reduced --zoo-seeds 0 --budget 20   # a quick look
+
+On each zoo seed (built or reused in `--zoos`/seed-N, as `bench/search_quality.py` does):
+    parameter           `search/evolve.yaml` as it is (the default search), `--budget` candidates
+    data-flow           `search/dataflow.yaml` as it is, `--budget` candidates
+    parameter+data-flow `search/evolve.yaml` with half the budget, then `search/dataflow.yaml` with
+                        its best.yaml as the first source (the start: that merge itself) and the
+                        other half
+It prints mean +- sd over the zoo seeds (and `--search-seeds`) of the mean test accuracy over the
+expert skills, beside the best hand-set merge and the best expert (zoo.json), with the found
+model's depth and the seconds per search (one process, one thread each; `--jobs` at once), and
+the median seconds per candidate: merge + load (parameter) or plan + assemble (data-flow), eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search_quality import _beside_zoo, _fmt, _mean, hand_set
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAM_JOB = ROOT / "search" / "evolve.yaml"
+FLOW_JOB = ROOT / "search" / "dataflow.yaml"
+ROWS = ("parameter", "data-flow", "parameter+data-flow")
+
+
+def _search(template: Path, where: Path, zoo: Path, budget: int, seed: int, first_source: Path | None = None):
+    """Run one job of `template` (beside a link to `zoo`) with `budget` candidates; the result and its trials."""
+    from mergelab.evolve.job import load_job
+    from mergelab.evolve.loop import read_trials, run_search
+
+    data = yaml.safe_load(template.read_text())
+    data.setdefault("optimizer", {}).update(budget=budget, seed=seed)
+    data["workers"] = {"count": 1, "device": "cpu"}
+    if first_source is not None:
+        data["dataflow"]["models"] = [str(first_source), *data["dataflow"]["models"]]
+    result = run_search(load_job(_beside_zoo(where, zoo, data)), where / "run", progress=False)
+    return result, read_trials(where / "run")
+
+
+def run_one(zoo: str, row: str, seed: int, budget: int) -> dict[str, Any]:
+    """One row on one zoo (one process, one thread): test accuracy per skill, depth, seconds."""
+    import torch
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    trials = []
+    with tempfile.TemporaryDirectory(prefix="search-dataflow-") as tmp:
+        tmp_path = Path(tmp)
+        if row == "parameter":
+            result, trials = _search(PARAM_JOB, tmp_path / "p", Path(zoo), budget, seed)
+        elif row == "data-flow":
+            result, trials = _search(FLOW_JOB, tmp_path / "f", Path(zoo), budget, seed)
+        else:
+            first, _ = _search(PARAM_JOB, tmp_path / "p", Path(zoo), budget // 2, seed)
+            result, trials = _search(FLOW_JOB, tmp_path / "f", Path(zoo), budget - budget // 2, seed, first.best_yaml)
+        recipe = yaml.safe_load(result.best_yaml.read_text())
+        depth = len(recipe["slices"]) if "slices" in recipe else None
+    acc = {k.split("/")[0]: v for k, v in result.report["best"].items() if k.endswith("/accuracy")}
+    seconds = {k: statistics.median(t.seconds[k] for t in trials if k in t.seconds)
+               for k in ("merge", "load", "plan", "assemble", "eval") if any(k in t.seconds for t in trials)}
+    return {"zoo": zoo, "row": row, "seed": seed, "accuracy": acc, "depth": depth,
+            "candidate_seconds": seconds, "seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoos", type=Path, default=ROOT / "bench" / "zoos", help="where the zoos are built (reused)")
+    parser.add_argument("--zoo-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--search-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--budget", type=int, default=100, help="candidates per row (split in half for parameter+data-flow)")
+    parser.add_argument("--reduced", action="store_true", help="the reduced zoo (a quick look, not the README's numbers)")
+    parser.add_argument("--jobs", type=int, default=2, help="searches run at once (processes)")
+    parser.add_argument("--json", type=Path, help="also write every result here")
+    args = parser.parse_args()
+
+    from mergelab.zoo import build_zoo
+
+    wall = time.perf_counter()
+    zoos = {s: build_zoo(args.zoos / f"seed-{s}{'-reduced' if args.reduced else ''}", seed=s, reduced=args.reduced)
+            for s in args.zoo_seeds}
+    built = time.perf_counter() - wall
+    tasks = [(str(zoos[z]), row, s, args.budget) for z in args.zoo_seeds for row in ROWS for s in args.search_seeds]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(run_one, *zip(*tasks)))
+    searched = time.perf_counter() - wall - built
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    _print(args, zoos, results, built, searched)
+
+
+def _print(args: argparse.Namespace, zoos: dict[int, Path], results: list[dict], built: float, searched: float) -> None:
+    seeds = list(zoos)
+    fixed = {z: hand_set(p) for z, p in zoos.items()}
+    print(f"mean test accuracy over the expert skills; zoo seeds {seeds}, search seeds {args.search_seeds}, "
+          f"{args.budget} candidates per row{' (reduced zoo)' if args.reduced else ''}\n")
+    print(f"| row | mean +- sd | {' | '.join(f'zoo {z}' for z in seeds)} | depth | s per search | s per candidate (median) |")
+    print(f"|---|---|{'---|' * len(seeds)}---|---|---|")
+    for label, prefix in (("best uniform merge", "uniform:"), ("best expert", "expert:")):
+        per = {z: max(v for k, v in fixed[z].items() if k.startswith(prefix)) for z in seeds}
+        print(f"| {label} | {_fmt(list(per.values()))} | {' | '.join(f'{per[z]:.3f}' for z in seeds)} | 4 | - | - |")
+    for row in ROWS:
+        mine = [r for r in results if r["row"] == row]
+        per = {z: [_mean(list(r["accuracy"].values())) for r in mine if r["zoo"] == str(p)] for z, p in zoos.items()}
+        depths = [r["depth"] for r in mine if r["depth"] is not None]
+        depth = f"{_mean(depths):.1f} ({min(depths)}-{max(depths)})" if depths else "4"
+        cand = {k: _mean([r["candidate_seconds"][k] for r in mine if k in r["candidate_seconds"]])
+                for k in ("merge", "load", "plan", "assemble", "eval") if any(k in r["candidate_seconds"] for r in mine)}
+        print(f"| {row} | {_fmt([v for vs in per.values() for v in vs])} | "
+              f"{' | '.join(f'{_mean(per[z]):.3f}' for z in seeds)} | {depth} | {_mean([r['seconds'] for r in mine]):.0f} | "
+              f"{', '.join(f'{k} {v:.3f}' for k, v in cand.items())} |")
+    print(f"\nwall: zoos {built:.0f} s (built or reused), searches {searched:.0f} s on {args.jobs} processes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Data-flow candidates assembled in memory from the source layers, no weight copied.
+
+A `LiveAssembler` reads every source tensor once onto the device. For each candidate recipe (a
+passthrough `slices` recipe, `dataflow.py`) it builds the recipe's plan (`make_plan`, the headers
+already open: the same output config and the same per-tensor sources and `scale` that
+`mergelab merge` would use), then a model of that config whose parameters *are* the source
+tensors (shared storage, nothing allocated but the module objects): each output layer is its own
+module, so attention caches see the output's layer numbers. A tensor with a `scale` is multiplied
+by it on each call of its module (the product lives for that call only), in the source dtype, as
+the passthrough method does: the candidate computes bit for bit what the written model computes.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from mergelab.device import resolve_device
+from mergelab.errors import PlanError
+from mergelab.plan import Plan, Source, TensorJob, make_plan
+from mergelab.recipe import ModelRef, Recipe
+
+
+@dataclass(frozen=True)
+class AssemblyTiming:
+    """Seconds one data-flow candidate took: planning its recipe (`plan`), assembling its model
+    from the source tensors (`assemble`); nothing is merged."""
+
+    plan: float
+    assemble: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"plan": self.plan, "assemble": self.assemble}
+
+
+class LiveAssembler:
+    """Holds the source tensors; `set_recipe` assembles a candidate from them into `model`."""
+
+    def __init__(self, sources: Recipe, device: str | torch.device = "cpu", *, allow_pickle: bool = False) -> None:
+        """`sources`: a recipe over every model the candidates may use (its tensors are read now)."""
+        self.device = resolve_device(device)
+        self.plan: Plan = make_plan(sources, allow_pickle=allow_pickle)
+        self._opened = dict(zip(self.plan.model_keys, self.plan.checkpoints))
+        self._tensors: dict[tuple[ModelRef, str], torch.Tensor] = {}
+        for ref, ckpt in self._opened.items():  # every tensor of every model: a route may start or end with any
+            for name in ckpt.tensors:
+                self._read(ref, name)
+        self.model: PreTrainedModel | None = None
+
+    def set_recipe(self, recipe: Recipe) -> AssemblyTiming:
+        """Assemble `recipe` (a passthrough recipe over the sources' models) into `self.model`."""
+        start = time.perf_counter()
+        plan = make_plan(recipe, opened=self._opened)
+        planned = time.perf_counter()
+        self.model = None  # the last candidate's modules go first
+        self.model = self._assemble(plan)
+        return AssemblyTiming(planned - start, time.perf_counter() - planned)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.plan.tokenizer_dir
+
+    def close(self) -> None:
+        self.model = None
+        self._tensors.clear()
+        self.plan.close()
+
+    # ------------------------------------------------------------ assembly
+    def _assemble(self, plan: Plan) -> PreTrainedModel:
+        """A model of the plan's config whose tensors are the sources' (scaled on the fly where asked)."""
+        if plan.method.name != "passthrough":
+            raise PlanError(f"data-flow assembly takes passthrough recipes, not {plan.method.name}")
+        config = dict(plan.config)
+        config = AutoConfig.for_model(config.pop("model_type"), **config)
+        dtype = next((j.dtype for j in plan.jobs if j.dtype.is_floating_point), torch.float32)
+        with _parameters_on_meta(), torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        for job in plan.jobs:
+            self._place(model, job, self._source(plan, job.inputs[0]))
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        left = [n for n, p in model.named_parameters() if p.is_meta]
+        if left:
+            raise PlanError(f"the recipe writes no tensor for {', '.join(left[:3])} of the assembled model")
+        model.requires_grad_(False)
+        return model.eval()
+
+    def _place(self, model: nn.Module, job: TensorJob, tensor: torch.Tensor) -> None:
+        """`job`'s output tensor in the model is `tensor` itself (times its scale on each call)."""
+        owner_name, _, name = job.name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name)
+        except AttributeError:
+            raise PlanError(f"tensor '{job.name}': the assembled {type(model).__name__} has no such tensor") from None
+        if tensor.dtype != job.dtype:
+            raise PlanError(f"tensor '{job.name}': the sources hold {tensor.dtype}, the recipe asks {job.dtype}; "
+                            "data-flow assembly keeps the sources' dtype")
+        if name in owner._buffers:
+            owner._buffers[name] = tensor
+            return
+        if name not in owner._parameters:
+            raise PlanError(f"tensor '{job.name}': the assembled {type(model).__name__} has no such tensor")
+        owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+        scale = job.params[0].get("scale") if job.mergeable else None
+        if scale is not None:
+            _scale_on_call(owner, name, scale)
+
+    def _source(self, plan: Plan, src: Source) -> torch.Tensor:
+        """The source tensor of `src` (by model and name, whatever its index in `plan`)."""
+        if plan.load_dtype != self.plan.load_dtype:
+            raise PlanError(f"data-flow assembly holds the sources in {self.plan.load_dtype}, the recipe asks {plan.load_dtype}")
+        ref = list(plan.model_keys)[src.model]
+        if ref not in self._opened:
+            raise PlanError(f"{ref.path}: not one of the data-flow sources ({', '.join(str(r.path) for r in self._opened)})")
+        return self._tensors[(ref, src.name)]
+
+    def _read(self, ref: ModelRef, name: str) -> None:
+        """One source tensor, read once onto the device (rounded to the sources' recipe `dtype`, if any)."""
+        t = self._opened[ref].read(name).to(self.device)
+        if self.plan.load_dtype is not None and t.is_floating_point():
+            t = t.to(self.plan.load_dtype)
+        self._tensors[(ref, name)] = t
+
+
+def _scale_on_call(module: nn.Module, name: str, scale: float) -> None:
+    """While `module` runs, its tensor `name` is `original * scale` (passthrough's product, exactly)."""
+    original = module._parameters[name]
+
+    def scaled(mod: nn.Module, args: tuple) -> None:
+        mod._parameters[name] = nn.Parameter(original * scale, requires_grad=False)
+
+    def restored(mod: nn.Module, args: tuple, out: object) -> None:
+        mod._parameters[name] = original
+
+    module.register_forward_pre_hook(scaled)
+    module.register_forward_hook(restored)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no init); buffers
+    (rotary frequencies, computed in `__init__`) are made for real."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
