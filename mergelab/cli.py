@@ -165,10 +165,12 @@ def _option(text: str) -> tuple[str, object]:
 
 # ---------------------------------------------------------------- search
 def _add_search(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="evolve a merge recipe (search/*.yaml job), or `search report RUN`",
-                       description="mergelab search JOB.yaml [--out RUN] [--resume] ...  |  mergelab search report RUN")
-    p.add_argument("job", help="search job YAML file, or the word `report` followed by a run folder")
-    p.add_argument("run", nargs="?", help="with `report`: the run folder to plot and summarise")
+    p = sub.add_parser("search", help="evolve a merge recipe (search/*.yaml job), or `search report RUN`, `search pick RUN TRIAL`",
+                       description="mergelab search JOB.yaml [--out RUN] [--resume] ...  |  mergelab search report RUN  |  "
+                                   "mergelab search pick RUN TRIAL (several objectives: best.yaml <- that front member)")
+    p.add_argument("job", help="search job YAML file, or the word `report` or `pick` followed by a run folder")
+    p.add_argument("run", nargs="?", help="with `report` or `pick`: the run folder")
+    p.add_argument("trial", nargs="?", help="with `pick`: the trial index of a front member (search report lists them)")
     p.add_argument("--out", default=None, help="run folder (default runs/<job name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out: told trials are replayed, not re-evaluated")
     p.add_argument("--workers", type=int, default=None, help="number of workers (default the job's workers.count)")
@@ -189,6 +191,15 @@ def _run_search(args: argparse.Namespace) -> int:
             raise RecipeError("search report: give the run folder: mergelab search report RUN")
         for path in write_report(args.run):
             print(path)
+        if (Path(args.run) / "front.png").is_file():
+            print(Path(args.run) / "front.png")
+        return 0
+    if args.job == "pick":
+        from mergelab.evolve.front import pick
+
+        if args.run is None or args.trial is None or not args.trial.isdigit():
+            raise RecipeError("search pick: give the run folder and a trial index: mergelab search pick RUN TRIAL")
+        print(pick(args.run, int(args.trial)))
         return 0
     if args.run is not None:
         raise RecipeError(f"search: unexpected argument {args.run!r}; the run folder is given with --out")

@@ -4,13 +4,18 @@
     2) the next finished candidate: its loss, computed once (`loss_of`), or WORST when it failed
        or is not finite, so every optimizer can take it
     3) tell the optimizer, hand the candidate and its loss to `on_result` (the caller's log)
+
+With several objectives (`objectives_of`), the optimizer is told the vector of their losses
+(nevergrad's multi-objective mode); a failed candidate is WORST in each, and the scalar loss is
+still computed for the log.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from tqdm import tqdm
 
@@ -25,6 +30,20 @@ class Loss:
 
     value: float
     error: str | None = None
+    values: dict[str, float] | None = None  # several objectives: each one's loss, as told
+
+
+def told_losses(done: Done, loss: Loss, names: tuple[str, ...], objectives_of: Callable[[Done], Mapping[str, float]]) -> Loss:
+    """`loss` with each objective's loss: WORST in every one when the candidate failed, or when one
+    is not finite (then that is the error: "objective depth is NaN")."""
+    if loss.error is None:
+        values = dict(objectives_of(done))
+        bad = [(k, v) for k, v in values.items() if not math.isfinite(v)]
+        if not bad:
+            return Loss(loss.value, None, values)
+        name, v = bad[0]
+        loss = Loss(WORST, f"objective {name} is {'NaN' if math.isnan(v) else v}")
+    return Loss(loss.value, loss.error, {k: WORST for k in names})
 
 
 def told_loss(done: Done, loss_of: Callable[[Done], float], what: str = "loss") -> Loss:
@@ -40,11 +59,13 @@ def told_loss(done: Done, loss_of: Callable[[Done], float], what: str = "loss") 
 
 def ask_tell(optimizer: Any, pool: WorkerPool, *, budget: int, decode: Callable[[Any], Genome],
              loss_of: Callable[[Done], float], on_result: Callable[[Done, Loss], None], first_index: int = 0,
-             progress: bool = True, desc: str = "search", total: int | None = None, what: str = "loss") -> None:
+             progress: bool = True, desc: str = "search", total: int | None = None, what: str = "loss",
+             objectives: tuple[str, ...] = (), objectives_of: Callable[[Done], Mapping[str, float]] | None = None) -> None:
     """Evaluate `budget` candidates of `optimizer` on `pool`; each is told as soon as it is back.
 
     `decode` turns a candidate's value into the genome the workers get; `loss_of` turns a finished
-    candidate into its loss (`told_loss` applies the worst-loss rule); `on_result` logs."""
+    candidate into its loss (`told_loss` applies the worst-loss rule); `on_result` logs. With
+    `objectives` (their names) `objectives_of` gives each one's loss, and their vector is told."""
     asked: dict[int, Any] = {}
     index, done = first_index, 0
     total = total if total is not None else budget
@@ -59,7 +80,9 @@ def ask_tell(optimizer: Any, pool: WorkerPool, *, budget: int, decode: Callable[
                 index += 1
             finished = pool.next_done()  # 2)
             loss = told_loss(finished, loss_of, what)
-            optimizer.tell(asked.pop(finished.index), loss.value)  # 3)
+            if objectives and objectives_of is not None:
+                loss = told_losses(finished, loss, objectives, objectives_of)
+            tell(optimizer, asked.pop(finished.index), list(loss.values.values()) if loss.values else loss.value)  # 3)
             on_result(finished, loss)
             done += 1
             best = min(best, loss.value)
@@ -67,3 +90,15 @@ def ask_tell(optimizer: Any, pool: WorkerPool, *, budget: int, decode: Callable[
             bar.update(1)
     finally:
         bar.close()
+
+
+def tell(optimizer: Any, candidate: Any, loss: float | list[float]) -> None:
+    """Tell a scalar loss, or several objectives' losses (nevergrad scores the vector by the
+    hypervolume it adds, infinite for a point worse than its first points in every objective; its
+    warnings about that are its own bookkeeping, not the user's problem)."""
+    if not isinstance(loss, list):
+        optimizer.tell(candidate, loss)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(Updating fitness with inf|Clipping very high value inf)")
+        optimizer.tell(candidate, loss)

@@ -35,6 +35,12 @@ A data-flow job searches layer routes instead (`dataflow.py`: the genome, the re
     base_model: ../zoo/base                  # optional: what normalize: gap measures from
     fitness: {tasks: ../zoo/tasks, terms: [reverse, sort]}
 
+Either kind may declare several objectives (`objectives.py`): the search keeps their Pareto front
+and a rule picks best.yaml from it:
+
+    objectives: [{name: reverse, terms: [reverse]}, {name: sort, terms: [sort]}, {name: depth}]
+    pick: {weights: {reverse: 1, sort: 1, depth: 0.25}}
+
 Everything is checked before anything runs; each error is one line naming the key path. Loading
 resolves the job once into what the search runs on (`Job`): the template, the search space
 (`space.py`, from `dimensions.py`), the fitness with its terms, goal and normalisation
@@ -56,6 +62,7 @@ from mergelab.evolve.dataflow import DataflowSpace, dataflow_space
 from mergelab.evolve.dimensions import default_search, dimensions
 from mergelab.evolve.fitness import Fitness
 from mergelab.evolve.fitness_spec import resolve_fitness
+from mergelab.evolve.objectives import Objectives, resolve_objectives
 from mergelab.evolve.schema import DataflowSpec, JobSpec
 from mergelab.evolve.space import SearchSpace
 from mergelab.methods import get_method
@@ -75,6 +82,7 @@ class Job:
     fitness: Fitness
     optimizer: OptimizerSpec
     workers: WorkerSpec
+    objectives: Objectives | None = None  # several objectives (`objectives.py`); None: the fitness alone
 
 
 def load_job(path: str | os.PathLike[str]) -> Job:
@@ -99,7 +107,8 @@ def parse_job(data: dict, root: Path, label: str, path: Path | None = None) -> J
     base_ref = template.ref(template.base_model) if template.base_model else None
     base = (base_ref.adapter or base_ref.path) if base_ref else None
     fitness = resolve_fitness(spec.fitness, spec.splits, models, base, root, label)
-    return Job(path or root / "job.yaml", template, space, fitness, spec.optimizer, spec.workers)
+    objectives = resolve_objectives(spec.objectives, spec.pick, fitness, None, label)
+    return Job(path or root / "job.yaml", template, space, fitness, spec.optimizer, spec.workers, objectives)
 
 
 def _dataflow_job(spec: JobSpec, flow: DataflowSpec, root: Path, label: str, path: Path | None) -> Job:
@@ -114,7 +123,9 @@ def _dataflow_job(spec: JobSpec, flow: DataflowSpec, root: Path, label: str, pat
     models = tuple(resolve_path(root, m) for m in space.models)
     base = resolve_path(root, spec.base_model) if spec.base_model is not None else None
     fitness = resolve_fitness(spec.fitness, spec.splits, models, base, root, label)
-    return Job(path or root / "job.yaml", space.to_recipe(space.start()), space, fitness, spec.optimizer, spec.workers)
+    objectives = resolve_objectives(spec.objectives, spec.pick, fitness, space.max_layers, label)
+    return Job(path or root / "job.yaml", space.to_recipe(space.start()), space, fitness, spec.optimizer, spec.workers,
+               objectives)
 
 
 def _recipe_source(spec: JobSpec, label: str) -> str | dict[str, Any]:

@@ -11,6 +11,10 @@
        merge (the template's method, every model at the mean weight) and each source model
        (`report.json`)
 
+With several objectives (`job.objectives`, `objectives.py`) the optimizer is told each one's
+loss, every trial records them (`losses`), and 4) becomes the front's: its members re-scored on
+the select split, the pick rule choosing `best.yaml` (`front.py`, which writes `front.json`).
+
 A candidate whose merge raises or whose fitness is not finite gets the worst loss
 (`blackbox.loop.WORST`) and is logged with its error; the search goes on.
 """
@@ -24,12 +28,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mergelab.blackbox.loop import Loss, ask_tell
+from mergelab.blackbox.loop import Loss, ask_tell, tell
 from mergelab.blackbox.optimizer import make_optimizer
 from mergelab.blackbox.pool import Done, Genome, Metrics, WorkerPool
 from mergelab.errors import MergelabError, OutputError
 from mergelab.evolve.dataflow import DataflowSpace, with_merged_sources
 from mergelab.evolve.evaluator import SearchEvaluator
+from mergelab.evolve.front import BEST, choose_from_front
 from mergelab.evolve.job import Job
 from mergelab.evolve.space import SearchSpace
 from mergelab.recipe import Recipe, parse_recipe
@@ -37,7 +42,6 @@ from mergelab.recipe import Recipe, parse_recipe
 log = logging.getLogger(__name__)
 
 TRIALS = "trials.jsonl"
-BEST = "best.yaml"
 TOP_K = 5
 
 
@@ -53,6 +57,7 @@ class Trial:
     seconds: dict[str, float]
     worker: str = "local"
     error: str | None = None
+    losses: dict[str, float] | None = None  # several objectives: each one's loss (fitness split)
 
 
 @dataclass
@@ -87,8 +92,11 @@ def read_trials(run_dir: Path) -> list[Trial]:
 
 
 def append_trial(run_dir: Path, trial: Trial) -> None:
+    data = asdict(trial)
+    if trial.losses is None:  # one objective: the lines of before
+        del data["losses"]
     with open(run_dir / TRIALS, "a") as fh:
-        fh.write(json.dumps(asdict(trial)) + "\n")
+        fh.write(json.dumps(data) + "\n")
 
 
 # ---------------------------------------------------------------- the loop
@@ -109,8 +117,9 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
     space, opt, spec = job.space, job.optimizer, job.workers
     count = workers or spec.count
     optimizer = make_optimizer(opt.name, opt.options, space.parametrization(seed=opt.seed), opt.budget, count, str(job.path))
+    names = job.objectives.names if job.objectives else ()
     for t in told:  # 2) replay, nothing re-evaluated
-        optimizer.tell(optimizer.parametrization.spawn_child(new_value=space.to_ng(t.genome)), t.loss)
+        tell(optimizer, optimizer.parametrization.spawn_child(new_value=space.to_ng(t.genome)), _told(t, names, run_dir))
     device = device or spec.device
     trials = list(told)
 
@@ -123,7 +132,9 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
         reference = pool.call(SearchEvaluator.reference, "fitness")
         ask_tell(optimizer, pool, budget=max(0, opt.budget - len(told)), total=opt.budget, progress=progress,
                  first_index=max((t.index for t in told), default=-1) + 1, decode=space.from_ng,
-                 loss_of=lambda done: job.fitness.loss(done.result.metrics, reference), on_result=record, what="fitness")
+                 loss_of=lambda done: job.fitness.loss(done.result.metrics, reference), on_result=record, what="fitness",
+                 objectives=names, objectives_of=lambda done: job.objectives.losses(  # type: ignore[union-attr]
+                     job.fitness, done.result.metrics, reference, done.genome, space))
         return _finish(job, pool, trials, run_dir)
 
 
@@ -131,7 +142,18 @@ def _trial(space: SearchSpace | DataflowSpace, done: Done, loss: Loss) -> Trial:
     if loss.error is not None:
         log.warning("trial %d: %s; scored worst", done.index, loss.error)
     return Trial(done.index, done.genome, space.values(done.genome), done.result.metrics, loss.value,
-                 done.result.seconds, done.worker, loss.error)
+                 done.result.seconds, done.worker, loss.error, loss.values)
+
+
+def _told(t: Trial, names: tuple[str, ...], run_dir: Path) -> float | list[float]:
+    """What a replayed trial tells the optimizer: its loss, or its objectives' (the job's, by name)."""
+    if not names and t.losses is None:
+        return t.loss
+    if t.losses is None or set(t.losses) != set(names):
+        raise OutputError(f"{run_dir / TRIALS}: trial {t.index} holds objectives {sorted(t.losses or ())}, the job "
+                          f"declares {sorted(names)}; resume with the job the run was started with, or use another run folder",
+                          arguments=("resume",))
+    return [t.losses[n] for n in names]
 
 
 def _finish(job: Job, pool: WorkerPool[SearchEvaluator], trials: list[Trial], run_dir: Path) -> SearchResult:
@@ -139,10 +161,13 @@ def _finish(job: Job, pool: WorkerPool[SearchEvaluator], trials: list[Trial], ru
     ok = sorted((t for t in trials if t.error is None), key=lambda t: t.loss)[:TOP_K]
     if not ok:
         raise MergelabError(f"{run_dir / TRIALS}: every candidate failed; see the log for why")
-    ref = pool.call(SearchEvaluator.reference, "select")
-    selected = min(ok, key=lambda t: job.fitness.loss(pool.call(SearchEvaluator.score, t.genome, "select"), ref))
     best_yaml = run_dir / BEST
-    best_yaml.write_text(job.space.to_recipe(selected.genome).to_yaml(absolute_paths=True))
+    if job.objectives is not None:
+        selected = choose_from_front(job, pool, trials, run_dir)
+    else:
+        ref = pool.call(SearchEvaluator.reference, "select")
+        selected = min(ok, key=lambda t: job.fitness.loss(pool.call(SearchEvaluator.score, t.genome, "select"), ref))
+        best_yaml.write_text(job.space.to_recipe(selected.genome).to_yaml(absolute_paths=True))
     report = {"best": pool.call(SearchEvaluator.score, selected.genome, "report"),
               "start": pool.call(SearchEvaluator.score, job.space.start(), "report")}
     uniform = uniform_recipe(job)

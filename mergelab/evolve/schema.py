@@ -72,6 +72,19 @@ class DataflowSpec(Strict):
     scale_tensors: list[str] | None = Field(None, min_length=1)
 
 
+class ObjectiveSpec(Strict):
+    """One of several objectives (`objectives.py`): the fitness over some of its terms, or `depth`."""
+
+    name: str
+    terms: list[str] | None = None  # task names or task/metric keys of fitness.terms; none for depth
+
+
+class PickSpec(Strict):
+    """How best.yaml is chosen from the front: weights per objective (default 1 each)."""
+
+    weights: dict[str, float] | None = None
+
+
 class JobSpec(Strict):
     recipe: Union[str, dict[str, Any], None] = None
     models: list[str] | None = Field(None, min_length=2)  # the short form, instead of recipe
@@ -83,3 +96,5 @@ class JobSpec(Strict):
     workers: WorkerSpec = WorkerSpec()
     splits: SplitSpec = SplitSpec()
     dataflow: DataflowSpec | None = None  # a data-flow search instead of recipe:/models: and search:
+    objectives: list[ObjectiveSpec] | None = None  # several objectives: the search keeps their Pareto front
+    pick: PickSpec | None = None  # with objectives: how best.yaml is chosen from the front
