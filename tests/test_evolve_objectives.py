@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mergelab.blackbox.loop import WORST, ask_tell
+from mergelab.blackbox.pool import Evaluation, WorkerPool
 from mergelab.cli import main
 from mergelab.errors import DataError, OutputError, RecipeError
 from mergelab.evolve import front as front_mod
@@ -53,6 +55,35 @@ def test_pick_rule_by_hand(tmp_path: Path, zoo_dir: Path) -> None:
     objectives = parse_job(data, tmp_path, "job.yaml").objectives
     assert objectives is not None and objectives.weights == (1.0, 2.0, 3.0)
     assert objectives.rule_weights == (1.0, 2.0, 3.0 / 6)  # dataflow_job's max_layers: 6
+
+
+class FirstFails:
+    """Two objectives, x^2 and (1 - x)^2; the first two candidates fail."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def evaluate(self, genome: dict) -> Evaluation:
+        self.n += 1
+        x = genome["x"]
+        return Evaluation({}, {}, "RuntimeError: boom") if self.n <= 2 else Evaluation({"a": x * x, "b": (1 - x) ** 2})
+
+
+def test_failures_before_the_first_success_do_not_set_nevergrads_bounds() -> None:
+    """nevergrad takes its hypervolume's bounds from the first vectors told: failures (WORST in
+    every objective) wait for the first success, else the bounds would be 1e9."""
+    import nevergrad as ng
+
+    out: list = []
+    optimizer = ng.optimizers.registry["RandomSearch"](parametrization=ng.p.Dict(x=ng.p.Scalar(init=0.5, lower=0, upper=1)),
+                                                      budget=8)
+    with WorkerPool(FirstFails, 1) as pool:
+        ask_tell(optimizer, pool, budget=8, decode=lambda v: {"x": float(v["x"])},
+                 loss_of=lambda d: d.result.metrics["a"] + d.result.metrics["b"], on_result=lambda d, loss: out.append(loss),
+                 progress=False, objectives=("a", "b"), objectives_of=lambda d: d.result.metrics)
+    assert [loss.values for loss in out[:2]] == [{"a": WORST, "b": WORST}] * 2 and optimizer.num_tell == 8
+    assert all(loss.error is None for loss in out[2:]) and set(out[2].values) == {"a", "b"}
+    assert max(optimizer._hypervolume_pareto._upper_bounds) <= 1.0  # from the successes only (x in [0, 1])
 
 
 # ---------------------------------------------------------------- bad sections

@@ -7,7 +7,9 @@
 
 With several objectives (`objectives_of`), the optimizer is told the vector of their losses
 (nevergrad's multi-objective mode); a failed candidate is WORST in each, and the scalar loss is
-still computed for the log.
+still computed for the log. Failures are told only once a candidate has succeeded: nevergrad
+takes the bounds of its hypervolume from the first vectors it is told, and a first WORST would
+fix them at 1e9, where the volumes of real candidates differ below float precision.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def ask_tell(optimizer: Any, pool: WorkerPool, *, budget: int, decode: Callable[
     candidate into its loss (`told_loss` applies the worst-loss rule); `on_result` logs. With
     `objectives` (their names) `objectives_of` gives each one's loss, and their vector is told."""
     asked: dict[int, Any] = {}
+    held: list[tuple[Any, list[float]]] = []  # several objectives: failures before the first success
+    bounded = optimizer.num_tell > 0
     index, done = first_index, 0
     total = total if total is not None else budget
     bar = tqdm(total=total, initial=total - budget, disable=not progress, desc=desc, unit="candidate")
@@ -82,12 +86,24 @@ def ask_tell(optimizer: Any, pool: WorkerPool, *, budget: int, decode: Callable[
             loss = told_loss(finished, loss_of, what)
             if objectives and objectives_of is not None:
                 loss = told_losses(finished, loss, objectives, objectives_of)
-            tell(optimizer, asked.pop(finished.index), list(loss.values.values()) if loss.values else loss.value)  # 3)
+            vector = list(loss.values.values()) if loss.values else None
+            candidate = asked.pop(finished.index)
+            if vector is not None and loss.error is not None and not bounded:
+                held.append((candidate, vector))  # 3) once a candidate has succeeded
+            else:
+                tell(optimizer, candidate, loss.value if vector is None else vector)  # 3)
+                if vector is not None and not bounded:
+                    bounded = True
+                    for c, v in held:
+                        tell(optimizer, c, v)
+                    held.clear()
             on_result(finished, loss)
             done += 1
             best = min(best, loss.value)
             bar.set_postfix_str(f"best {best:.4g}", refresh=False)
             bar.update(1)
+        for c, v in held:  # every candidate failed
+            tell(optimizer, c, v)
     finally:
         bar.close()
 

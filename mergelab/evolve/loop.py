@@ -118,7 +118,8 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
     count = workers or spec.count
     optimizer = make_optimizer(opt.name, opt.options, space.parametrization(seed=opt.seed), opt.budget, count, str(job.path))
     names = job.objectives.names if job.objectives else ()
-    for t in told:  # 2) replay, nothing re-evaluated
+    for t in sorted(told, key=lambda t: bool(names) and t.error is not None):  # 2) replay, nothing re-evaluated
+        # (several objectives: successes first, as ask_tell tells them: nevergrad's bounds come from the first)
         tell(optimizer, optimizer.parametrization.spawn_child(new_value=space.to_ng(t.genome)), _told(t, names, run_dir))
     device = device or spec.device
     trials = list(told)
