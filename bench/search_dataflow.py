@@ -11,7 +11,7 @@ On each zoo seed (built or reused in `--zoos`/seed-N, as `bench/search_quality.p
                         other half
 It prints mean +- sd over the zoo seeds (and `--search-seeds`) of the mean test accuracy over the
 expert skills, beside the best hand-set merge and the best expert (zoo.json), with the found
-model's depth and the seconds per search (one process, one thread each; `--jobs` at once), and
+model's depth, how many distinct layer routes the data-flow search tried, the seconds per search (one process, one thread each; `--jobs` at once), and
 the median seconds per candidate: merge + load (parameter) or plan + assemble (data-flow), eval.
 """
 
@@ -73,7 +73,8 @@ def run_one(zoo: str, row: str, seed: int, budget: int) -> dict[str, Any]:
     acc = {k.split("/")[0]: v for k, v in result.report["best"].items() if k.endswith("/accuracy")}
     seconds = {k: statistics.median(t.seconds[k] for t in trials if k in t.seconds)
                for k in ("merge", "load", "plan", "assemble", "eval") if any(k in t.seconds for t in trials)}
-    return {"zoo": zoo, "row": row, "seed": seed, "accuracy": acc, "depth": depth,
+    routes = len({json.dumps(t.values.get("layers")) for t in trials}) if row != "parameter" else None
+    return {"zoo": zoo, "row": row, "seed": seed, "accuracy": acc, "depth": depth, "routes": routes,
             "candidate_seconds": seconds, "seconds": time.perf_counter() - start}
 
 
@@ -108,11 +109,12 @@ def _print(args: argparse.Namespace, zoos: dict[int, Path], results: list[dict],
     fixed = {z: hand_set(p) for z, p in zoos.items()}
     print(f"mean test accuracy over the expert skills; zoo seeds {seeds}, search seeds {args.search_seeds}, "
           f"{args.budget} candidates per row{' (reduced zoo)' if args.reduced else ''}\n")
-    print(f"| row | mean +- sd | {' | '.join(f'zoo {z}' for z in seeds)} | depth | s per search | s per candidate (median) |")
-    print(f"|---|---|{'---|' * len(seeds)}---|---|---|")
+    print(f"| row | mean +- sd | {' | '.join(f'zoo {z}' for z in seeds)} | depth | routes tried | s per search | "
+          "s per candidate (median) |")
+    print(f"|---|---|{'---|' * len(seeds)}---|---|---|---|")
     for label, prefix in (("best uniform merge", "uniform:"), ("best expert", "expert:")):
         per = {z: max(v for k, v in fixed[z].items() if k.startswith(prefix)) for z in seeds}
-        print(f"| {label} | {_fmt(list(per.values()))} | {' | '.join(f'{per[z]:.3f}' for z in seeds)} | 4 | - | - |")
+        print(f"| {label} | {_fmt(list(per.values()))} | {' | '.join(f'{per[z]:.3f}' for z in seeds)} | 4 | - | - | - |")
     for row in ROWS:
         mine = [r for r in results if r["row"] == row]
         per = {z: [_mean(list(r["accuracy"].values())) for r in mine if r["zoo"] == str(p)] for z, p in zoos.items()}
@@ -120,8 +122,10 @@ def _print(args: argparse.Namespace, zoos: dict[int, Path], results: list[dict],
         depth = f"{_mean(depths):.1f} ({min(depths)}-{max(depths)})" if depths else "4"
         cand = {k: _mean([r["candidate_seconds"][k] for r in mine if k in r["candidate_seconds"]])
                 for k in ("merge", "load", "plan", "assemble", "eval") if any(k in r["candidate_seconds"] for r in mine)}
+        routes = [r["routes"] for r in mine if r.get("routes") is not None]
+        tried = f"{min(routes)}-{max(routes)}" if routes else "-"
         print(f"| {row} | {_fmt([v for vs in per.values() for v in vs])} | "
-              f"{' | '.join(f'{_mean(per[z]):.3f}' for z in seeds)} | {depth} | {_mean([r['seconds'] for r in mine]):.0f} | "
+              f"{' | '.join(f'{_mean(per[z]):.3f}' for z in seeds)} | {depth} | {tried} | {_mean([r['seconds'] for r in mine]):.0f} | "
               f"{', '.join(f'{k} {v:.3f}' for k, v in cand.items())} |")
     print(f"\nwall: zoos {built:.0f} s (built or reused), searches {searched:.0f} s on {args.jobs} processes")
 

@@ -75,6 +75,9 @@ VARIANTS: dict[str, Callable[[dict], None]] = {
     "acc-gap": _set(metric="accuracy", normalize="gap"),
     "cma-wide": _optimizer("ParametrizedCMA", scale=2.0),
     "de": _optimizer("TwoPointsDE"),
+    # cheaper candidates: the default, with racing of the fitness split (mergelab/evolve/racing.py)
+    "racing": _set(racing={"first": 0.25, "keep": 0.5, "warmup": 8}),
+    "racing-third": _set(racing={"first": 0.25, "keep": 0.33, "warmup": 8}),
 }
 
 
@@ -92,16 +95,20 @@ def run_one(zoo: str, variant: str, seed: int, budget: int) -> dict[str, Any]:
     import torch
 
     from mergelab.evolve.job import load_job
-    from mergelab.evolve.loop import run_search
+    from mergelab.evolve.loop import read_trials, run_search
 
     torch.set_num_threads(1)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="search-quality-") as tmp:
         job = load_job(_job_for(Path(zoo), variant, seed, budget, Path(tmp)))
         result = run_search(job, Path(tmp) / "run", progress=False)
+        trials = read_trials(Path(tmp) / "run")
     best = result.report["best"]
     acc = {k.split("/")[0]: v for k, v in best.items() if k.endswith("/accuracy")}
-    return {"zoo": zoo, "variant": variant, "seed": seed, "accuracy": acc, "seconds": time.perf_counter() - start}
+    scoring = sum(sum(t.seconds.values()) for t in trials)  # merge + load + scoring of every candidate
+    return {"zoo": zoo, "variant": variant, "seed": seed, "accuracy": acc, "seconds": time.perf_counter() - start,
+            "candidates_per_minute": 60 * len(trials) / scoring,
+            "stopped": sum("race" in t.seconds and "eval" not in t.seconds for t in trials)}
 
 
 def run_lorahub_one(zoo: str, draw: int) -> dict[str, Any]:
@@ -215,6 +222,13 @@ def _print(args: argparse.Namespace, zoos: dict[int, Path], variants: list[str],
     seconds = {v: _mean([r["seconds"] for r in results if r["variant"] == v]) for v in variants if results}
     print(f"\nwall: zoos {built:.0f} s (built or reused), searches {searched:.0f} s on {args.jobs} processes; "
           f"per search (mean): {', '.join(f'{v} {s:.0f} s' for v, s in seconds.items())}")
+    rate = {v: [r["candidates_per_minute"] for r in results if r["variant"] == v] for v in variants if results}
+    print("candidates per minute (merge and scoring, one core; mean +- sd over the searches): "
+          + ", ".join(f"{v} {_mean(x):.0f} +- {statistics.stdev(x) if len(x) > 1 else 0:.0f}" for v, x in rate.items() if x))
+    stopped = {v: _mean([r["stopped"] for r in results if r["variant"] == v]) for v in variants if results}
+    if any(stopped.values()):
+        print("candidates stopped after the first share (racing, mean per search): "
+              + ", ".join(f"{v} {s:.1f}" for v, s in stopped.items() if s))
 
 
 def _print_lorahub(zoos: dict[int, Path], hubs: list[dict]) -> None:

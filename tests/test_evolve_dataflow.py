@@ -201,3 +201,14 @@ def test_a_parameter_search_recipe_as_a_source(tmp_path: Path, zoo_dir: Path) ->
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError, match=r"dataflow.models\[0\]: .*missing.yaml: recipe file not found"):
         load_job(path)
+
+
+def test_default_optimizer_explores_routes(tmp_path: Path, zoo_dir: Path) -> None:
+    """TwoPointsDE unless the job names one (NGOpt tried a single route in 100 candidates)."""
+    path = dataflow_job(tmp_path, zoo_dir, 7)
+    data = yaml.safe_load(path.read_text())
+    for optimizer, name in (({}, "TwoPointsDE"), ({"budget": 7}, "TwoPointsDE"), ({"name": "NGOpt"}, "NGOpt")):
+        data["optimizer"] = optimizer
+        path.write_text(yaml.safe_dump(data))
+        job = load_job(path)
+        assert job.optimizer.name == name and job.optimizer.budget == optimizer.get("budget", 100)

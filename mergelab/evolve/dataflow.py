@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from mergelab.architecture import find_stacks
+from mergelab.blackbox.optimizer import OptimizerSpec
 from mergelab.blackbox.pool import Genome
 from mergelab.checkpoint import Checkpoint
 from mergelab.errors import MergelabError, RecipeError
@@ -253,3 +254,16 @@ def with_merged_sources(space: DataflowSpace, run_dir: Path, progress: bool = Fa
             (out / STAMP).write_text(text)
         models.append(str(out))
     return replace(space, models=tuple(models))
+
+
+# ---------------------------------------------------------------- the default optimizer
+# NGOpt, at this budget and dimension (2 genes per slot), picks a local method whose steps never
+# carry an include gene across the threshold: 1 distinct route in 100 candidates on the zoo (CMA
+# the same), so only the scales were searched. TwoPointsDE's crossover and mutation do: 56-64
+# distinct routes in 100 candidates, depths 3-8 (README, "Data-flow search").
+DEFAULT_OPTIMIZER = "TwoPointsDE"
+
+
+def default_optimizer(opt: OptimizerSpec) -> OptimizerSpec:
+    """The job's optimizer; DEFAULT_OPTIMIZER where the job names none."""
+    return opt if "name" in opt.model_fields_set else opt.model_copy(update={"name": DEFAULT_OPTIMIZER})

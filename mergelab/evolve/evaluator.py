@@ -18,6 +18,7 @@ from mergelab.evolve.dataflow import DataflowSpace
 from mergelab.evolve.fitness import USES, Reference, make_reference
 from mergelab.evolve.job import Job
 from mergelab.evolve.live import LiveMerger
+from mergelab.evolve.racing import Racer
 from mergelab.evolve.scoring import TermData, measure, term_data
 from mergelab.recipe import Recipe
 
@@ -42,15 +43,34 @@ class SearchEvaluator:
         self.live = live_model(job, device)
         self.tokenizer = load_tokenizer(self.live.plan.tokenizer_dir)
         self._terms = {use: term_data(job.fitness, use) for use in USES}
+        racing = job.fitness.racing
+        self.racer = Racer(racing, self._terms["fitness"]) if racing is not None else None
+        self._references: dict[str, Reference | None] = {}
 
     def evaluate(self, genome: Genome) -> Evaluation:
-        """One candidate scored on the fitness split; never raises (a failure is an `error`)."""
+        """One candidate scored on the fitness split (raced, with `fitness.racing`); never raises
+        (a failure is an `error`)."""
         try:
-            metrics, seconds = self.score_timed(genome, "fitness")
+            metrics, seconds = self._raced(genome) if self.racer is not None else self.score_timed(genome, "fitness")
         except Exception as exc:  # noqa: BLE001 - any failed candidate is scored worst, the search goes on
             log.debug("candidate failed", exc_info=True)
             return Evaluation({}, {}, f"{type(exc).__name__}: {exc}")
         return Evaluation(metrics, seconds)
+
+    def _raced(self, genome: Genome) -> tuple[Metrics, dict[str, float]]:
+        """The first share of the fitness split, then all of it if the candidate goes on (`racing.py`)."""
+        assert self.racer is not None
+        reference = self.reference("fitness")  # first: `normalize: start` scores the start in the live model
+        seconds = self.live.set_recipe(self.space.to_recipe(genome)).as_dict()
+        start = time.perf_counter()
+        partial = measure(self.live.model, self.tokenizer, self.racer.first)
+        seconds["race"] = time.perf_counter() - start
+        if not self.racer.goes_on(self.fitness.loss(partial, reference)):
+            return partial, seconds
+        start = time.perf_counter()
+        metrics = measure(self.live.model, self.tokenizer, self._terms["fitness"])
+        seconds["eval"] = time.perf_counter() - start
+        return metrics, seconds
 
     def score_timed(self, genome: Genome, use: str) -> tuple[Metrics, dict[str, float]]:
         """Merge `genome` into the live model and score it on split `use`; metrics and seconds."""
@@ -68,7 +88,12 @@ class SearchEvaluator:
         return measure(self.live.model, self.tokenizer, self._terms[use])
 
     def reference(self, use: str) -> Reference | None:
-        """What the split's scores are normalised by (`fitness.normalize`), or None."""
+        """What the split's scores are normalised by (`fitness.normalize`), or None; computed once."""
+        if use not in self._references:
+            self._references[use] = self._reference(use)
+        return self._references[use]
+
+    def _reference(self, use: str) -> Reference | None:
         kind = self.fitness.normalize
         if kind == "none":
             return None

@@ -43,6 +43,16 @@ USES = ("fitness", "select", "report")  # what each split is for
 
 
 @dataclass(frozen=True)
+class Racing:
+    """Two-stage fitness: the first `first` share of each term's examples, then (for the candidates
+    whose partial loss is within the best `keep` share so far, after `warmup` candidates) all of them."""
+
+    first: float
+    keep: float
+    warmup: int
+
+
+@dataclass(frozen=True)
 class Term:
     """One fitness term: a task scored by a metric, its weight, how many examples, its expert."""
 
@@ -69,6 +79,7 @@ class Fitness:
     tasks: Path  # the zoo's tasks folder
     base: Path | None  # the template's base model (the other end of `normalize: gap`)
     splits: dict[str, SplitRange]  # USES -> split range
+    racing: Racing | None = None  # score the fitness split in two stages (`racing.py`)
 
     def loss(self, metrics: Metrics, reference: Reference | None) -> float:
         """Weighted, normalised by `reference` (when given), negated to maximise; NaN stays NaN."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mergelab.blackbox.spec import SplitRange, parse_split
 from mergelab.errors import MergelabError, RecipeError
-from mergelab.evolve.fitness import USES, Fitness, Goal, Normalize, Term
+from mergelab.evolve.fitness import USES, Fitness, Goal, Normalize, Racing, Term
 from mergelab.evolve.schema import FitnessSpec, FitnessTerm, SplitSpec
 from mergelab.metrics import get_metric
 from mergelab.user_yaml import resolve_path
@@ -35,7 +35,8 @@ def resolve_fitness(fit: FitnessSpec, split_spec: SplitSpec, models: tuple[Path,
         raise RecipeError(f"{label}: fitness.normalize: gap measures each skill between the base model and its expert, "
                           "and the recipe has no base_model; use normalize: experts")
     terms = tuple(_term(t, expert, root) for t, expert in zip(fit.terms, experts))
-    return Fitness(terms, normalize, goal, tasks, base, splits)
+    racing = Racing(fit.racing.first, fit.racing.keep, fit.racing.warmup) if fit.racing is not None else None
+    return Fitness(terms, normalize, goal, tasks, base, splits, racing)
 
 
 def _term(t: FitnessTerm, expert: Path | None, root: Path) -> Term:

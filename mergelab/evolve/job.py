@@ -58,7 +58,7 @@ from typing import Any
 from mergelab.blackbox.optimizer import OptimizerSpec, check_optimizer
 from mergelab.blackbox.spec import WorkerSpec, check_device, load_job_file
 from mergelab.errors import RecipeError
-from mergelab.evolve.dataflow import DataflowSpace, dataflow_space
+from mergelab.evolve.dataflow import DataflowSpace, dataflow_space, default_optimizer
 from mergelab.evolve.dimensions import default_search, dimensions
 from mergelab.evolve.fitness import Fitness
 from mergelab.evolve.fitness_spec import resolve_fitness
@@ -118,13 +118,14 @@ def _dataflow_job(spec: JobSpec, flow: DataflowSpec, root: Path, label: str, pat
     if given:
         raise RecipeError(f"{label}: dataflow: searches layer routes, not a recipe's parameters; drop {', '.join(given)}")
     space = dataflow_space(flow, root, label)
-    check_optimizer(spec.optimizer, label)
+    optimizer = default_optimizer(spec.optimizer)
+    check_optimizer(optimizer, label)
     check_device(spec.workers, label)
     models = tuple(resolve_path(root, m) for m in space.models)
     base = resolve_path(root, spec.base_model) if spec.base_model is not None else None
     fitness = resolve_fitness(spec.fitness, spec.splits, models, base, root, label)
     objectives = resolve_objectives(spec.objectives, spec.pick, fitness, space.max_layers, label)
-    return Job(path or root / "job.yaml", space.to_recipe(space.start()), space, fitness, spec.optimizer, spec.workers,
+    return Job(path or root / "job.yaml", space.to_recipe(space.start()), space, fitness, optimizer, spec.workers,
                objectives)
 
 

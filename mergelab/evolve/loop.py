@@ -116,7 +116,11 @@ def run_search(job: Job, run_dir: str | Path, *, resume: bool = False, device: s
         job = replace(job, space=space, template=space.to_recipe(space.start()))
     space, opt, spec = job.space, job.optimizer, job.workers
     count = workers or spec.count
-    optimizer = make_optimizer(opt.name, opt.options, space.parametrization(seed=opt.seed), opt.budget, count, str(job.path))
+    # a data-flow search scores its start (model 0 itself, or a parameter search's result) first,
+    # whatever the optimizer's own first point (TwoPointsDE's is random)
+    first = (space.to_ng(space.start()),) if isinstance(space, DataflowSpace) and not told else ()
+    optimizer = make_optimizer(opt.name, opt.options, space.parametrization(seed=opt.seed), opt.budget, count, str(job.path),
+                               suggestions=first)
     names = job.objectives.names if job.objectives else ()
     for t in sorted(told, key=lambda t: bool(names) and t.error is not None):  # 2) replay, nothing re-evaluated
         # (several objectives: successes first, as ask_tell tells them: nevergrad's bounds come from the first)

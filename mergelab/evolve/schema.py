@@ -46,11 +46,22 @@ class FitnessTerm(Strict):
         return {"task": data} if isinstance(data, str) else data
 
 
+class RacingSpec(Strict):
+    """Racing (`fitness.racing`): score each candidate on the first `first` share of every term's
+    fitness examples, and on all of them only when that partial loss is within the best `keep`
+    share of the partial losses seen so far (the first `warmup` candidates always go on)."""
+
+    first: float = Field(0.25, gt=0, lt=1)
+    keep: float = Field(0.5, gt=0, le=1)
+    warmup: int = Field(8, ge=1)
+
+
 class FitnessSpec(Strict):
     tasks: str | None = None  # the zoo's tasks folder (for the terms scored on examples)
     terms: list[FitnessTerm] = Field(min_length=1)  # a bare task name is a term with the defaults
     goal: Literal["minimize", "maximize"] | None = None
     normalize: Literal["gap", "experts", "start", "none"] | None = None
+    racing: RacingSpec | None = None  # successive halving of the fitness split (`evolve/racing.py`)
 
 
 class SplitSpec(Strict):
