@@ -32,6 +32,8 @@ import yaml
 
 from search_quality import _beside_zoo, _fmt, _mean, hand_set
 
+from mergelab.evolve.report import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 PARAM_JOB = ROOT / "search" / "evolve.yaml"
 FLOW_JOB = ROOT / "search" / "dataflow.yaml"
@@ -72,7 +74,7 @@ def run_one(zoo: str, row: str, seed: int, budget: int) -> dict[str, Any]:
         depth = len(recipe["slices"]) if "slices" in recipe else None
     acc = {k.split("/")[0]: v for k, v in result.report["best"].items() if k.endswith("/accuracy")}
     seconds = {k: statistics.median(t.seconds[k] for t in trials if k in t.seconds)
-               for k in ("merge", "load", "plan", "assemble", "eval") if any(k in t.seconds for t in trials)}
+               for k in STAGES if any(k in t.seconds for t in trials)}
     routes = len({json.dumps(t.values.get("layers")) for t in trials}) if row != "parameter" else None
     return {"zoo": zoo, "row": row, "seed": seed, "accuracy": acc, "depth": depth, "routes": routes,
             "candidate_seconds": seconds, "seconds": time.perf_counter() - start}
@@ -121,7 +123,7 @@ def _print(args: argparse.Namespace, zoos: dict[int, Path], results: list[dict],
         depths = [r["depth"] for r in mine if r["depth"] is not None]
         depth = f"{_mean(depths):.1f} ({min(depths)}-{max(depths)})" if depths else "4"
         cand = {k: _mean([r["candidate_seconds"][k] for r in mine if k in r["candidate_seconds"]])
-                for k in ("merge", "load", "plan", "assemble", "eval") if any(k in r["candidate_seconds"] for r in mine)}
+                for k in STAGES if any(k in r["candidate_seconds"] for r in mine)}
         routes = [r["routes"] for r in mine if r.get("routes") is not None]
         tried = f"{min(routes)}-{max(routes)}" if routes else "-"
         print(f"| {row} | {_fmt([v for vs in per.values() for v in vs])} | "

@@ -73,7 +73,7 @@ def test_recipe_is_passthrough_slices_with_scales(fam: dict[str, Path]) -> None:
 def test_assembled_candidates_compute_what_merge_writes(tmp_path: Path, fam: dict[str, Path], arch: str) -> None:
     """Random routes (a layer may come twice, with different scales; depths 1 to 6): the assembled
     model's logits and greedy continuation (its cache numbered by output layer) equal those of the
-    folder `mergelab merge` writes from the same recipe, and no source tensor was copied. GPT-2:
+    folder `mergelab merge` writes from the same recipe, and no unscaled tensor was copied. GPT-2:
     a tied head, and its layers' output projections are `c_proj`."""
     if arch == "gpt2":
         fam = make_family(tmp_path / "gpt2", ["a", "b"], "gpt2", layers=3)
@@ -94,8 +94,10 @@ def test_assembled_candidates_compute_what_merge_writes(tmp_path: Path, fam: dic
             assert torch.equal(live.model(ids).logits, model(ids).logits)
             ours = live.model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
             assert torch.equal(ours, model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0))
-        # every tensor of the candidate is a source tensor itself (scales apply while a module runs)
-        assert all(p.data_ptr() in sources for p in live.model.parameters())
+        # every unscaled tensor of the candidate is a source tensor itself; only scaled ones are new
+        for name, p in live.model.named_parameters():
+            scaled = any(part in name for part in space.scale_tensors)
+            assert (p.data_ptr() in sources) != scaled, name
         assert set(load_state(written)) <= set(live.model.state_dict())
     live.close()
 
@@ -212,3 +214,28 @@ def test_default_optimizer_explores_routes(tmp_path: Path, zoo_dir: Path) -> Non
         path.write_text(yaml.safe_dump(data))
         job = load_job(path)
         assert job.optimizer.name == name and job.optimizer.budget == optimizer.get("budget", 100)
+
+
+def test_two_ray_workers_with_racing(tmp_path: Path, zoo_dir: Path) -> None:
+    """`mergelab search JOB --workers 2` on a data-flow job with racing: each Ray actor assembles
+    its own candidates and races them; the report lists plan/assemble/race seconds."""
+    import ray
+
+    from mergelab.cli import main
+
+    path = dataflow_job(tmp_path, zoo_dir, 6)
+    data = yaml.safe_load(path.read_text())
+    data["fitness"]["racing"] = {"warmup": 2}
+    path.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main(["-q", "search", str(path), "--out", str(run), "--workers", "2"]) == 0
+    finally:
+        ray.shutdown()
+    trials = loop.read_trials(run)
+    assert sorted(t.index for t in trials) == list(range(6)) and len({t.worker for t in trials}) == 2
+    assert all({"plan", "assemble", "race"} <= set(t.seconds) for t in trials)
+    assert main(["-q", "search", "report", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert "assemble" in md and "race" in md and "candidates stopped after the first share" in md

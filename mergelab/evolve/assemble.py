@@ -1,13 +1,16 @@
-"""Data-flow candidates assembled in memory from the source layers, no weight copied.
+"""Data-flow candidates assembled in memory from the source layers; only scaled tensors are new.
 
 A `LiveAssembler` reads every source tensor once onto the device. For each candidate recipe (a
 passthrough `slices` recipe, `dataflow.py`) it builds the recipe's plan (`make_plan`, the headers
 already open: the same output config and the same per-tensor sources and `scale` that
 `mergelab merge` would use), then a model of that config whose parameters *are* the source
 tensors (shared storage, nothing allocated but the module objects): each output layer is its own
-module, so attention caches see the output's layer numbers. A tensor with a `scale` is multiplied
-by it on each call of its module (the product lives for that call only), in the source dtype, as
-the passthrough method does: the candidate computes bit for bit what the written model computes.
+module, so attention caches see the output's layer numbers. A tensor with a `scale` other than 1
+is multiplied by it once, when the candidate is assembled, in the source dtype, as the passthrough
+method does: the candidate computes bit for bit what the written model computes. Those products
+(a layer's output projections) are the candidate's only new memory, freed with it. Multiplying on
+each call of the module instead (no memory at all) cost 0.17 s per forward pass of a 1.1B model
+on 64 tokens, 70% of the pass, and a greedy evaluation makes one pass per generated token.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class LiveAssembler:
 
     # ------------------------------------------------------------ assembly
     def _assemble(self, plan: Plan) -> PreTrainedModel:
-        """A model of the plan's config whose tensors are the sources' (scaled on the fly where asked)."""
+        """A model of the plan's config whose tensors are the sources' (times their scale where one is set)."""
         if plan.method.name != "passthrough":
             raise PlanError(f"data-flow assembly takes passthrough recipes, not {plan.method.name}")
         config = dict(plan.config)
@@ -93,7 +96,7 @@ class LiveAssembler:
         return model.eval()
 
     def _place(self, model: nn.Module, job: TensorJob, tensor: torch.Tensor) -> None:
-        """`job`'s output tensor in the model is `tensor` itself (times its scale on each call)."""
+        """`job`'s output tensor in the model is `tensor` itself, or `tensor * scale` (once)."""
         owner_name, _, name = job.name.rpartition(".")
         try:
             owner = model.get_submodule(owner_name)
@@ -107,10 +110,10 @@ class LiveAssembler:
             return
         if name not in owner._parameters:
             raise PlanError(f"tensor '{job.name}': the assembled {type(model).__name__} has no such tensor")
-        owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
         scale = job.params[0].get("scale") if job.mergeable else None
-        if scale is not None:
-            _scale_on_call(owner, name, scale)
+        if scale is not None and scale != 1:  # x * 1 is x: the source itself
+            tensor = tensor * scale
+        owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
 
     def _source(self, plan: Plan, src: Source) -> torch.Tensor:
         """The source tensor of `src` (by model and name, whatever its index in `plan`)."""
@@ -127,20 +130,6 @@ class LiveAssembler:
         if self.plan.load_dtype is not None and t.is_floating_point():
             t = t.to(self.plan.load_dtype)
         self._tensors[(ref, name)] = t
-
-
-def _scale_on_call(module: nn.Module, name: str, scale: float) -> None:
-    """While `module` runs, its tensor `name` is `original * scale` (passthrough's product, exactly)."""
-    original = module._parameters[name]
-
-    def scaled(mod: nn.Module, args: tuple) -> None:
-        mod._parameters[name] = nn.Parameter(original * scale, requires_grad=False)
-
-    def restored(mod: nn.Module, args: tuple, out: object) -> None:
-        mod._parameters[name] = original
-
-    module.register_forward_pre_hook(scaled)
-    module.register_forward_hook(restored)
 
 
 @contextmanager

@@ -33,6 +33,9 @@ FRONT_PLOT = "front.png"
 SUMMARY = "report.md"
 
 
+STAGES = ("merge", "load", "plan", "assemble", "race", "eval")  # a candidate's seconds, in the order they run
+
+
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write `fitness.png` and `report.md` into the run folder; returns their paths."""
     run_dir = Path(run_dir)
@@ -97,8 +100,12 @@ def _markdown(run_dir: Path, trials: list[Trial], scores: dict[str, dict[str, fl
         first = min(ok, key=lambda t: t.index)
         lines.append(f"Best fitness loss {best.loss:.4g} (trial {best.index}); the first trial's {first.loss:.4g}.")
         lines += ["", "Seconds per candidate (median): " + ", ".join(
-            f"{k} {statistics.median(t.seconds[k] for t in ok if k in t.seconds):.4f}" for k in ("merge", "load", "plan", "assemble", "eval")
+            f"{k} {statistics.median(t.seconds[k] for t in ok if k in t.seconds):.4f}" for k in STAGES
             if any(k in t.seconds for t in ok))]
+        raced = [t for t in ok if "race" in t.seconds]
+        if raced:
+            stopped = sum("eval" not in t.seconds for t in raced)
+            lines.append(f"Racing: {stopped} of {len(raced)} candidates stopped after the first share of the fitness split.")
         lines += ["", "## Best trial's values", "", "```json", json.dumps(best.values, indent=1), "```"]
     if (run_dir / BEST).is_file():
         lines += ["", f"The recipe selected on the select split: `{BEST}` (`mergelab merge {run_dir / BEST} OUT`)."]
