@@ -12,13 +12,16 @@ fresh process and `--repeats` times:
 - `ties`      : a 2-model TIES merge on the base (densities 0.5/0.7, weights 0.6/0.4, normalize);
 - `ties_position`: the same with `tie_break: position` (mergelab only: equal magnitudes at the
                 density cut taken by position, never sorting; not mergekit's entries);
+- `dare_ties`: the TIES recipe with DARE's random drop (seeded; mergelab only, not run unless asked);
 
 with mergelab, and with mergekit when `--mergekit` points at its `mergekit-yaml` (install it
 in a separate environment: `pip install mergekit`; it is not a dependency), and with the
 mergelab of another source tree when `--baseline` names one (e.g. the commit before a change:
 `git archive REV | tar -x -C DIR`). Repeats run in rounds, every command once per round, so a
 load that comes and goes on the machine falls on all of them alike. Reports median wall time
-and median peak RSS per case, and the ratios, as a markdown table.
+and median peak RSS per case, and the ratios, as a markdown table. `--device cuda` runs mergelab's
+math on the GPU, `--mergekit-flags=--gpu-rich` passes flags to mergekit, `--small` makes small
+shapes (4 layers, hidden 256) for a smoke test; bench/gpu_check.sh runs all of them in one go.
 """
 
 from __future__ import annotations
@@ -36,53 +39,59 @@ from pathlib import Path
 
 import torch
 
-LAYER = {  # suffix -> shape, for hidden 2048, intermediate 5632, 32 heads, 4 kv heads
-    "input_layernorm.weight": (2048,),
-    "post_attention_layernorm.weight": (2048,),
-    "self_attn.q_proj.weight": (2048, 2048),
-    "self_attn.k_proj.weight": (256, 2048),
-    "self_attn.v_proj.weight": (256, 2048),
-    "self_attn.o_proj.weight": (2048, 2048),
-    "mlp.gate_proj.weight": (5632, 2048),
-    "mlp.up_proj.weight": (5632, 2048),
-    "mlp.down_proj.weight": (2048, 5632),
-}
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632,
-    "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
-    "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "hidden_act": "silu", "rope_theta": 10000.0,
+SHAPES = {  # Llama-shaped checkpoints: TinyLlama-1.1B's shapes, and small ones for a smoke test (--small)
+    "full": {"hidden": 2048, "intermediate": 5632, "kv": 256, "heads": 32, "kv_heads": 4, "layers": 22, "vocab": 32000},
+    "small": {"hidden": 256, "intermediate": 688, "kv": 64, "heads": 4, "kv_heads": 1, "layers": 4, "vocab": 1024},
 }
 
 
-def layout() -> list[tuple[str, tuple[int, ...]]]:
-    names = [("model.embed_tokens.weight", (32000, 2048))]
-    for i in range(22):
-        names += [(f"model.layers.{i}.{s}", shape) for s, shape in LAYER.items()]
-    return names + [("model.norm.weight", (2048,)), ("lm_head.weight", (32000, 2048))]
+def layout(size: str = "full") -> list[tuple[str, tuple[int, ...]]]:
+    d = SHAPES[size]
+    h, i, kv = d["hidden"], d["intermediate"], d["kv"]
+    layer = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, h),
+        "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
+    }
+    names = [("model.embed_tokens.weight", (d["vocab"], h))]
+    for n in range(d["layers"]):
+        names += [(f"model.layers.{n}.{s}", shape) for s, shape in layer.items()]
+    return names + [("model.norm.weight", (h,)), ("lm_head.weight", (d["vocab"], h))]
 
 
-def write_models(root: Path) -> list[Path]:
+def config(size: str = "full") -> dict:
+    d = SHAPES[size]
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d["hidden"],
+        "intermediate_size": d["intermediate"], "num_hidden_layers": d["layers"], "num_attention_heads": d["heads"],
+        "num_key_value_heads": d["kv_heads"], "vocab_size": d["vocab"], "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
+        "rope_theta": 10000.0,
+    }
+
+
+def write_models(root: Path, size: str = "full") -> list[Path]:
     """base, ft1, ft2 (ft = base + small noise), streamed tensor by tensor with mergelab's writer."""
     from mergelab.writer import ShardedWriter
 
     dirs = [root / n for n in ("base", "ft1", "ft2")]
     if all((d / "config.json").is_file() for d in dirs):
         return dirs
-    entries = [(n, s, torch.bfloat16) for n, s in layout()]
+    entries = [(n, s, torch.bfloat16) for n, s in layout(size)]
     writers = []
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
         writers.append(ShardedWriter(d, entries, 2 * 10**9))
     g = torch.Generator().manual_seed(0)
-    for name, shape in layout():
+    for name, shape in layout(size):
         base = torch.randn(shape, generator=g) * 0.02
         writers[0].write(name, base.to(torch.bfloat16))
         for w in writers[1:]:
             w.write(name, (base + torch.randn(shape, generator=g) * 0.004).to(torch.bfloat16))
     for w, d in zip(writers, dirs):
         w.close()
-        (d / "config.json").write_text(json.dumps(CONFIG, indent=2))
+        (d / "config.json").write_text(json.dumps(config(size), indent=2))
     return dirs
 
 
@@ -96,6 +105,7 @@ def recipes(root: Path, dirs: list[Path]) -> dict[str, Path]:
                 f"  - model: {ft2}\n    parameters: {{weight: 0.4, density: 0.7}}\nparameters: {{normalize: true}}\ndtype: bfloat16\n",
     }
     texts["ties_position"] = texts["ties"].replace("{normalize: true}", "{normalize: true, tie_break: position}")
+    texts["dare_ties"] = texts["ties"].replace("merge_method: ties", "merge_method: dare_ties")  # seeded by --seed
     out = {}
     for name, text in texts.items():
         (root / f"{name}.yaml").write_text(text)
@@ -103,7 +113,7 @@ def recipes(root: Path, dirs: list[Path]) -> dict[str, Path]:
     return out
 
 
-CASES = ("linear", "ties", "ties_position")
+CASES = ("linear", "ties", "ties_position", "dare_ties")
 BASELINE_CASES = ("linear", "ties")  # recipes that mergekit, and a mergelab from before tie_break, run
 
 IO_FLOOR = """
@@ -146,11 +156,14 @@ def main() -> None:
     ap.add_argument("--mergekit-repeats", type=int, default=1, help="mergekit's TIES alone takes ~5 min here")
     ap.add_argument("--cases", default="io,linear,ties")
     ap.add_argument("--baseline", help="another mergelab source tree, timed as 'CASE baseline' (its cwd puts it first on sys.path)")
+    ap.add_argument("--device", default="cpu", help="mergelab merge --device (cpu, cuda, ...); labels name it unless cpu")
+    ap.add_argument("--mergekit-flags", default="", help="extra mergekit-yaml flags, given with '=': --mergekit-flags=--gpu-rich")
+    ap.add_argument("--small", action="store_true", help="small shapes (4 layers, hidden 256): a smoke test in seconds")
     args = ap.parse_args()
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    dirs = write_models(root)
+    dirs = write_models(root, "small" if args.small else "full")
     print(f"inputs ready in {time.perf_counter() - t:.0f} s: {', '.join(map(str, dirs))}", file=sys.stderr)
     paths = recipes(root, dirs)
     out = root / "out"
@@ -182,6 +195,15 @@ def main() -> None:
     print()
 
 
+def merge_command(recipe: Path, out: Path, device: str = "cpu", seed: int = 0) -> list[str]:
+    return [sys.executable, "-m", "mergelab.cli", "--quiet", "merge", str(recipe), str(out), "--overwrite",
+            "--device", device, "--seed", str(seed)]
+
+
+def mergekit_command(mergekit: str, recipe: Path, out: Path, flags: str = "") -> list[str]:
+    return [mergekit, str(recipe), str(out), "--allow-crimes", "--lazy-unpickle", *flags.split()]
+
+
 def commands(args: argparse.Namespace, paths: dict[str, Path], dirs: list[Path], out: Path) -> dict[str, tuple[list[str], str | None]]:
     """label -> (command, working directory) for every case asked for."""
     cmds: dict[str, tuple[list[str], str | None]] = {}
@@ -191,12 +213,13 @@ def commands(args: argparse.Namespace, paths: dict[str, Path], dirs: list[Path],
     for case in CASES:
         if case not in cases:
             continue
-        merge = [sys.executable, "-m", "mergelab.cli", "--quiet", "merge", str(paths[case]), str(out), "--overwrite"]
-        cmds[f"{case} mergelab"] = (merge, None)
+        label = f"{case} mergelab" + (f" --device {args.device}" if args.device != "cpu" else "")
+        cmds[label] = (merge_command(paths[case], out, args.device), None)
         if args.baseline and case in BASELINE_CASES:  # `python -m` puts the working directory first on sys.path
-            cmds[f"{case} baseline"] = (merge, str(Path(args.baseline).resolve()))
+            cmds[f"{case} baseline"] = (merge_command(paths[case], out, args.device), str(Path(args.baseline).resolve()))
         if args.mergekit and case in BASELINE_CASES:
-            cmds[f"{case} mergekit"] = ([args.mergekit, str(paths[case]), str(out), "--allow-crimes", "--lazy-unpickle"], None)
+            cmds[f"{case} mergekit" + (f" {args.mergekit_flags}" if args.mergekit_flags else "")] = (
+                mergekit_command(args.mergekit, paths[case], out, args.mergekit_flags), None)
     return cmds
 
 
