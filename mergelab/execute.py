@@ -64,7 +64,7 @@ def merge_job(plan: Plan, job: TensorJob, tensors: dict[Source, torch.Tensor], d
     `block`: `tensors` are that block of flat elements (then so is the result), with the method's `block_stats`."""
     if not job.mergeable:
         return tensors[job.inputs[0]]
-    on_device = {s: _prepare(t, device, plan.load_dtype) for s, t in tensors.items()}
+    on_device = {s: prepare(t, device, plan.load_dtype) for s, t in tensors.items()}
     if job.vocab is not None and plan.vocabulary is not None:  # embeddings/head rows in the output tokenizer's order
         on_device = plan.vocabulary.align(job.vocab, on_device)
     inputs = job_inputs(plan, job, on_device, device, seed, cache)
@@ -90,7 +90,8 @@ def job_inputs(plan: Plan, job: TensorJob, on_device: dict[Source, torch.Tensor]
     )
 
 
-def _prepare(t: torch.Tensor, device: torch.device, load_dtype: torch.dtype | None) -> torch.Tensor:
+def prepare(t: torch.Tensor, device: torch.device, load_dtype: torch.dtype | None) -> torch.Tensor:
+    """A source tensor on `device`, rounded to the recipe's `dtype` (None: as stored)."""
     t = t.to(device, non_blocking=True)
     # mergekit rounds inputs to the recipe's `dtype` before merging; so do we
     return t.to(load_dtype) if load_dtype is not None and t.is_floating_point() else t
@@ -210,7 +211,7 @@ def _run_stats(plan: Plan, job: TensorJob, dev: torch.device, seed: int, step: i
     def blocks() -> Iterator[MergeInputs]:
         for start in range(0, n, step):
             tensors = read_block(plan, job, start, min(start + step, n))
-            inputs = job_inputs(plan, job, {s: _prepare(t, dev, plan.load_dtype) for s, t in tensors.items()}, dev, seed)
+            inputs = job_inputs(plan, job, {s: prepare(t, dev, plan.load_dtype) for s, t in tensors.items()}, dev, seed)
             inputs.offset, inputs.numel = start, n
             yield inputs
 

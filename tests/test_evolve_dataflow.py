@@ -164,7 +164,7 @@ def test_search_runs_resumes_and_best_yaml_scores_as_reported(tmp_path: Path, zo
     model, tok = load_model(merge(result.best_yaml, tmp_path / "best", progress=False))
     for skill in ("reverse", "sort"):
         task = load_task(zoo_dir / "tasks", skill, "test")
-        task = type(task)(task.name, task.split, task.examples[:12])
+        task = task.head(12)
         assert score(model, tok, task, "accuracy").value == result.report["best"][f"{skill}/accuracy"]
     _, md = write_report(run)
     assert "assemble" in md.read_text()

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mergelab.device import resolve_device
 from mergelab.errors import PlanError
-from mergelab.execute import merge_job, single_threaded_ops
+from mergelab.execute import merge_job, prepare, single_threaded_ops
 from mergelab.methods._cache import MergeCache, TensorCache
 from mergelab.plan import Plan, Source, TensorJob, make_plan, replan
 from mergelab.recipe import Recipe
@@ -46,6 +46,15 @@ class CandidateTiming:
 
     def as_dict(self) -> dict[str, float]:
         return {"merge": self.merge, "load": self.load}
+
+
+def model_for(plan: Plan, device: torch.device) -> PreTrainedModel:
+    """A model of the plan's output config, in its output dtype, built on `device` (weights not set)."""
+    config = dict(plan.config)
+    config = AutoConfig.for_model(config.pop("model_type"), **config)
+    dtype = next((j.dtype for j in plan.jobs if j.dtype.is_floating_point), torch.float32)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 class LiveMerger:
@@ -112,20 +121,13 @@ class LiveMerger:
     def _source(self, src: Source) -> torch.Tensor:
         """One source tensor, read on first use, on the device, rounded to the recipe's `dtype`."""
         t = self._sources.get(src)
-        if t is None:
-            t = self.plan.checkpoints[src.model].read(src.name).to(self.device)
-            if self.plan.load_dtype is not None and t.is_floating_point():
-                t = t.to(self.plan.load_dtype)  # as execute's _prepare: rounding twice is rounding once
-            self._sources[src] = t
+        if t is None:  # rounded once here: merge_job's own rounding then leaves it as it is
+            t = self._sources[src] = prepare(self.plan.checkpoints[src.model].read(src.name), self.device, self.plan.load_dtype)
         return t
 
     def _build_model(self) -> PreTrainedModel:
         """An (uninitialised-weights) model of the output config, in the output dtype, on the device."""
-        config = dict(self.plan.config)
-        config = AutoConfig.for_model(config.pop("model_type"), **config)
-        dtype = next((j.dtype for j in self.plan.jobs if j.dtype.is_floating_point), torch.float32)
-        with torch.device(self.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model_for(self.plan, self.device)
         model.requires_grad_(False)
         return model.eval()
 

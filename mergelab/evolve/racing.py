@@ -29,8 +29,7 @@ def first_share(terms: list[TermData], share: float) -> list[TermData]:
     out: list[TermData] = []
     for d in terms:
         if d.task is not None:
-            n = len(d.task.examples)
-            out.append(replace(d, task=type(d.task)(d.task.name, d.task.split, d.task.examples[:_count(n, share)])))
+            out.append(replace(d, task=d.task.head(_count(len(d.task.examples), share))))
         elif d.lm_eval is not None and d.lm_eval[1] is not None:
             task, docs = d.lm_eval
             out.append(replace(d, lm_eval=(task, docs[:_count(len(docs), share)])))
