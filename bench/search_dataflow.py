@@ -12,7 +12,11 @@ On each zoo seed (built or reused in `--zoos`/seed-N, as `bench/search_quality.p
 It prints mean +- sd over the zoo seeds (and `--search-seeds`) of the mean test accuracy over the
 expert skills, beside the best hand-set merge and the best expert (zoo.json), with the found
 model's depth, how many distinct layer routes the data-flow search tried, the seconds per search (one process, one thread each; `--jobs` at once), and
-the median seconds per candidate: merge + load (parameter) or plan + assemble (data-flow), eval.
+the median seconds per candidate: merge + load (parameter) or plan + assemble (data-flow), eval,
+and candidates per minute (merging or assembling, and scoring, one core). `--rows` adds what
+else was tried: `data-flow+racing` (fitness.racing: first 0.25, keep 0.5, warmup 8) and
+`upscale` (`--budget` parameter candidates, then `--budget` data-flow candidates over that merge
+alone, its layers repeatable); `--optimizer` sets the data-flow searches' optimizer.
 """
 
 from __future__ import annotations
@@ -37,24 +41,36 @@ from mergelab.evolve.report import STAGES
 ROOT = Path(__file__).resolve().parents[1]
 PARAM_JOB = ROOT / "search" / "evolve.yaml"
 FLOW_JOB = ROOT / "search" / "dataflow.yaml"
-ROWS = ("parameter", "data-flow", "parameter+data-flow")
+ROWS = ("parameter", "data-flow", "parameter+data-flow")  # the comparison at equal budget (the default)
+MORE = ("data-flow+racing", "upscale")  # what else was tried (--rows)
 
 
-def _search(template: Path, where: Path, zoo: Path, budget: int, seed: int, first_source: Path | None = None):
-    """Run one job of `template` (beside a link to `zoo`) with `budget` candidates; the result and its trials."""
+def _search(template: Path, where: Path, zoo: Path, budget: int, seed: int, first_source: Path | None = None,
+            only_source: bool = False, racing: bool = False, optimizer: str | None = None):
+    """Run one job of `template` (beside a link to `zoo`) with `budget` candidates; the result and its trials.
+
+    Data-flow jobs: `first_source` goes first among the models (alone with `only_source`, the
+    experts then named in the fitness terms), `racing` sets fitness.racing, `optimizer` the name."""
     from mergelab.evolve.job import load_job
     from mergelab.evolve.loop import read_trials, run_search
 
     data = yaml.safe_load(template.read_text())
     data.setdefault("optimizer", {}).update(budget=budget, seed=seed)
     data["workers"] = {"count": 1, "device": "cpu"}
+    if "dataflow" in data:
+        if optimizer is not None:
+            data["optimizer"]["name"] = optimizer
+        if racing:
+            data["fitness"]["racing"] = {"first": 0.25, "keep": 0.5, "warmup": 8}
     if first_source is not None:
-        data["dataflow"]["models"] = [str(first_source), *data["dataflow"]["models"]]
+        data["dataflow"]["models"] = [str(first_source)] + ([] if only_source else data["dataflow"]["models"])
+    if only_source:
+        data["fitness"]["terms"] = [{"task": t, "expert": f"../zoo/experts/{t}"} for t in data["fitness"]["terms"]]
     result = run_search(load_job(_beside_zoo(where, zoo, data)), where / "run", progress=False)
     return result, read_trials(where / "run")
 
 
-def run_one(zoo: str, row: str, seed: int, budget: int) -> dict[str, Any]:
+def run_one(zoo: str, row: str, seed: int, budget: int, optimizer: str | None = None) -> dict[str, Any]:
     """One row on one zoo (one process, one thread): test accuracy per skill, depth, seconds."""
     import torch
 
@@ -65,19 +81,27 @@ def run_one(zoo: str, row: str, seed: int, budget: int) -> dict[str, Any]:
         tmp_path = Path(tmp)
         if row == "parameter":
             result, trials = _search(PARAM_JOB, tmp_path / "p", Path(zoo), budget, seed)
-        elif row == "data-flow":
-            result, trials = _search(FLOW_JOB, tmp_path / "f", Path(zoo), budget, seed)
+        elif row in ("data-flow", "data-flow+racing"):
+            result, trials = _search(FLOW_JOB, tmp_path / "f", Path(zoo), budget, seed, racing=row.endswith("racing"),
+                                     optimizer=optimizer)
+        elif row == "upscale":  # depth up-scaling: the parameter search's merge alone, its layers repeatable
+            first, _ = _search(PARAM_JOB, tmp_path / "p", Path(zoo), budget, seed)
+            result, trials = _search(FLOW_JOB, tmp_path / "f", Path(zoo), budget, seed, first.best_yaml, only_source=True,
+                                     optimizer=optimizer)
         else:
             first, _ = _search(PARAM_JOB, tmp_path / "p", Path(zoo), budget // 2, seed)
-            result, trials = _search(FLOW_JOB, tmp_path / "f", Path(zoo), budget - budget // 2, seed, first.best_yaml)
+            result, trials = _search(FLOW_JOB, tmp_path / "f", Path(zoo), budget - budget // 2, seed, first.best_yaml,
+                                     optimizer=optimizer)
         recipe = yaml.safe_load(result.best_yaml.read_text())
         depth = len(recipe["slices"]) if "slices" in recipe else None
     acc = {k.split("/")[0]: v for k, v in result.report["best"].items() if k.endswith("/accuracy")}
     seconds = {k: statistics.median(t.seconds[k] for t in trials if k in t.seconds)
                for k in STAGES if any(k in t.seconds for t in trials)}
     routes = len({json.dumps(t.values.get("layers")) for t in trials}) if row != "parameter" else None
+    per_minute = 60 * len(trials) / sum(sum(t.seconds.values()) for t in trials)  # merge or assembly, and scoring
     return {"zoo": zoo, "row": row, "seed": seed, "accuracy": acc, "depth": depth, "routes": routes,
-            "candidate_seconds": seconds, "seconds": time.perf_counter() - start}
+            "candidate_seconds": seconds, "per_minute": per_minute, "seconds": time.perf_counter() - start,
+            "stopped": sum("race" in t.seconds and "eval" not in t.seconds for t in trials)}
 
 
 def main() -> None:
@@ -89,7 +113,13 @@ def main() -> None:
     parser.add_argument("--reduced", action="store_true", help="the reduced zoo (a quick look, not the README's numbers)")
     parser.add_argument("--jobs", type=int, default=2, help="searches run at once (processes)")
     parser.add_argument("--json", type=Path, help="also write every result here")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS + MORE)}")
+    parser.add_argument("--optimizer", help="the data-flow searches' optimizer (default: the job's, TwoPointsDE)")
     args = parser.parse_args()
+    args.rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in args.rows if r not in ROWS + MORE]
+    if unknown:
+        parser.error(f"unknown row {unknown[0]!r}; choose from {', '.join(ROWS + MORE)}")
 
     from mergelab.zoo import build_zoo
 
@@ -97,7 +127,8 @@ def main() -> None:
     zoos = {s: build_zoo(args.zoos / f"seed-{s}{'-reduced' if args.reduced else ''}", seed=s, reduced=args.reduced)
             for s in args.zoo_seeds}
     built = time.perf_counter() - wall
-    tasks = [(str(zoos[z]), row, s, args.budget) for z in args.zoo_seeds for row in ROWS for s in args.search_seeds]
+    tasks = [(str(zoos[z]), row, s, args.budget, args.optimizer) for z in args.zoo_seeds for row in args.rows
+             for s in args.search_seeds]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(run_one, *zip(*tasks)))
     searched = time.perf_counter() - wall - built
@@ -106,18 +137,23 @@ def main() -> None:
     _print(args, zoos, results, built, searched)
 
 
+def _rate(values: list[float]) -> str:
+    """Candidates per minute: the mean, and the range over the searches."""
+    return f"{_mean(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
+
 def _print(args: argparse.Namespace, zoos: dict[int, Path], results: list[dict], built: float, searched: float) -> None:
     seeds = list(zoos)
     fixed = {z: hand_set(p) for z, p in zoos.items()}
     print(f"mean test accuracy over the expert skills; zoo seeds {seeds}, search seeds {args.search_seeds}, "
           f"{args.budget} candidates per row{' (reduced zoo)' if args.reduced else ''}\n")
     print(f"| row | mean +- sd | {' | '.join(f'zoo {z}' for z in seeds)} | depth | routes tried | s per search | "
-          "s per candidate (median) |")
-    print(f"|---|---|{'---|' * len(seeds)}---|---|---|---|")
+          "s per candidate (median) | candidates per minute |")
+    print(f"|---|---|{'---|' * len(seeds)}---|---|---|---|---|")
     for label, prefix in (("best uniform merge", "uniform:"), ("best expert", "expert:")):
         per = {z: max(v for k, v in fixed[z].items() if k.startswith(prefix)) for z in seeds}
-        print(f"| {label} | {_fmt(list(per.values()))} | {' | '.join(f'{per[z]:.3f}' for z in seeds)} | 4 | - | - | - |")
-    for row in ROWS:
+        print(f"| {label} | {_fmt(list(per.values()))} | {' | '.join(f'{per[z]:.3f}' for z in seeds)} | 4 | - | - | - | - |")
+    for row in args.rows:
         mine = [r for r in results if r["row"] == row]
         per = {z: [_mean(list(r["accuracy"].values())) for r in mine if r["zoo"] == str(p)] for z, p in zoos.items()}
         depths = [r["depth"] for r in mine if r["depth"] is not None]
@@ -128,7 +164,10 @@ def _print(args: argparse.Namespace, zoos: dict[int, Path], results: list[dict],
         tried = f"{min(routes)}-{max(routes)}" if routes else "-"
         print(f"| {row} | {_fmt([v for vs in per.values() for v in vs])} | "
               f"{' | '.join(f'{_mean(per[z]):.3f}' for z in seeds)} | {depth} | {tried} | {_mean([r['seconds'] for r in mine]):.0f} | "
-              f"{', '.join(f'{k} {v:.3f}' for k, v in cand.items())} |")
+              f"{', '.join(f'{k} {v:.3f}' for k, v in cand.items())} | {_rate([r['per_minute'] for r in mine])} |")
+    raced = [r["stopped"] for r in results if r["row"].endswith("racing")]
+    if raced:
+        print(f"\ncandidates racing stopped after the first share, per search: {min(raced)}-{max(raced)}")
     print(f"\nwall: zoos {built:.0f} s (built or reused), searches {searched:.0f} s on {args.jobs} processes")
 
 

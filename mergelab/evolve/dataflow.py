@@ -257,10 +257,10 @@ def with_merged_sources(space: DataflowSpace, run_dir: Path, progress: bool = Fa
 
 
 # ---------------------------------------------------------------- the default optimizer
-# NGOpt, at this budget and dimension (2 genes per slot), picks a local method whose steps never
-# carry an include gene across the threshold: 1 distinct route in 100 candidates on the zoo (CMA
-# the same), so only the scales were searched. TwoPointsDE's crossover and mutation do: 56-64
-# distinct routes in 100 candidates, depths 3-8 (README, "Data-flow search").
+# NGOpt, at this budget and dimension (2 genes per slot), picks a local method whose steps seldom
+# carry an include gene across the threshold: on the zoo it tried 5 routes in 50 candidates after
+# a parameter search and 39-41 in 100 alone, mostly moving scales. TwoPointsDE's crossover and
+# mutation tried 47 of 50 and 91-93 of 100 (bench/search_dataflow.py; README, "Data-flow search").
 DEFAULT_OPTIMIZER = "TwoPointsDE"
 
 
