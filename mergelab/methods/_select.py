@@ -11,14 +11,16 @@ given rank exactly in three cheap passes:
 
 The kept set is then every element above that value, and the cut is exact unless it splits a
 group of equal values (ties). mergekit keeps `torch.argsort(|d|, descending=True)[:k]` (TIES)
-and `torch.sort(|d|).indices[lo:hi]` (breadcrumbs). torch's CPU sort is not stable (x86-simd-sort's
-quicksort on AVX2/AVX-512 CPUs, `std::sort` elsewhere), so which of the tied elements it puts first
-depends on the whole tensor: checked on torch 2.13 from 40 to 5M elements, the same in 1 and 2
-threads and run to run. So where the cut splits a tie group (most cuts over bf16-valued
-checkpoints; nearly none over float32 ones) we make mergekit's own sort call on the whole tensor
-(`tie_break: mergekit`, the default) and take from it only the tied elements at the cut.
-`tie_break: position` takes them by position instead (the order of the same calls with
-`stable=True`): selection only, never a sort, but not mergekit's entries.
+and `torch.sort(|d|).indices[lo:hi]` (breadcrumbs). torch's CPU sort is not stable: it is
+libstdc++'s introsort, so which of the tied elements it puts first depends on the whole tensor
+(neither the first nor the last by position). Where the cut splits a tie group (most cuts over
+bf16-valued checkpoints; nearly none over float32 ones), `tie_break: mergekit` (the default)
+takes exactly the elements that sort puts first, found by following its partitions that hold
+the cut (`_sort_prefix`: a quickselect, no sort; about 4x cheaper), or by making mergekit's own
+sort call where that model does not apply (small tensors, half-precision keys, a range the
+sort would heap-sort, a torch that sorts otherwise). `tie_break: position` takes them by
+position instead (the order of the same calls with `stable=True`): selection only, but not
+mergekit's entries.
 
 A search asks for masks of the same magnitudes at many densities: it sorts once
 (`sorted_ranks`, remembered) and passes the ranks, and each mask is one comparison.
@@ -34,6 +36,7 @@ from typing import Callable, Iterator
 import torch
 
 from mergelab.methods._common import CHUNK
+from mergelab.methods._sort_prefix import MIN_KEYS, sort_prefix_mask
 
 TIE_BREAKS = ("mergekit", "position")
 _SAMPLE = 1 << 16
@@ -131,8 +134,10 @@ def _leading(flat: torch.Tensor, m: int, descending: bool, tie_break: str,
     if take == n_equal:  # 2) all of them: no order among them needed
         return flat >= val if descending else flat <= val
     mask = flat > val if descending else flat < val
-    if tie_break == "mergekit":  # 3) the equal ones the sort puts first: right after the m - take ahead of them
-        mask[order()[m - take : m]] = True
+    if tie_break == "mergekit":  # 3) the equal ones the sort puts first
+        if n >= MIN_KEYS and (leading := sort_prefix_mask(flat, m, descending)) is not None:
+            return leading  # found without the sort
+        mask[order()[m - take : m]] = True  # right after the m - take ahead of them
         return mask
     # 3) `position`: the first `take` equal to the value
     for start in range(0, n, CHUNK):  # scanning no further than needed

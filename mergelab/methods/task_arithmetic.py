@@ -65,8 +65,8 @@ def preset_params(*, sparsify: str | None, consensus: bool, normalize: bool, res
                             doc="l1/l2/linf: keep that norm of the task vector (mergekit); probability: divide by keep probability (papers)"))
     if sparsify in ("magnitude", "magnitude_outliers"):
         params.append(Param("tie_break", str, "global", "mergekit", choices=TIE_BREAKS,
-                            doc="equal magnitudes at the density cut: mergekit's (its argsort's choice; sorts the tensor "
-                                "where the cut splits them) or position (earlier entries first; never sorts)"))
+                            doc="equal magnitudes at the density cut: mergekit's (the ones its argsort puts first, found "
+                                "without sorting where torch's CPU sort allows) or position (earlier entries first)"))
     if consensus:
         params.append(Param("sign_from", str, "global", "weighted", choices=("weighted", "trimmed"),
                             doc="elect the sign from the weighted (mergekit) or unweighted trimmed (TIES paper) task vectors"))
@@ -138,8 +138,9 @@ class TaskArithmeticFamily(MergeMethod):
 
         def on_sort(j: int) -> None:
             level = logging.WARNING if 16 * n > budget else logging.DEBUG
-            log.log(level, "tensor '%s': model %d's density cut splits equal magnitudes; tie_break mergekit sorts the whole "
-                    "tensor as mergekit does (~%.1f GB; --memory %.1f GB); tie_break: position stays within --memory",
+            log.log(level, "tensor '%s': model %d's density cut splits equal magnitudes; tie_break mergekit takes the whole "
+                    "tensor's magnitudes to find the ones mergekit's sort keeps (~%.1f GB; --memory %.1f GB); "
+                    "tie_break: position stays within --memory",
                     inputs.name, streams[j], 16 * n / 1e9, budget / 1e9)
 
         found = windows_over_blocks(key_blocks, n, [windows[i] for i in streams], inputs.options["tie_break"], on_sort,
