@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _THRESHOLD = 16  # libstdc++'s _S_threshold: ranges this small are left to the insertion sort
 _BLOCK = 1 << 14  # keys per block when locating where the scans cross
+_CHUNK = 1 << 20  # keys per pass when listing positions
 MIN_KEYS = 1 << 15  # below this many keys torch's own sort is as cheap: the caller sorts
 
 
@@ -62,37 +63,64 @@ def _prefix(keys: np.ndarray, m: int, descending: bool) -> np.ndarray | None:
         mask[:] = m >= n
         return mask
     depth = 2 * (n.bit_length() - 1)
-    v = keys.copy()  # our working copy: swaps happen in place on the range followed
-    idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    itype = np.int32 if n < 2**31 else np.int64
+    v, ids = keys, None  # the range followed, and its elements' positions in `keys` (None: the identity)
     while v.size > _THRESHOLD and 0 < m < v.size:
         if depth == 0:
             return None  # libstdc++ heap-sorts this range
         depth -= 1
-        _median_to_first(v, idx, descending)
-        cut, left, right = _partition(v, descending)
-        if not 0 < cut <= v.size:  # no left stop: not the sort modelled
+        # the range as the partition sees it: v with [0] and [j] swapped (the median of three first),
+        # then pairs left[i] <-> right[i] swapped; only the side holding the boundary is built
+        s = v.size
+        j = _median(v, descending)
+        cut, left, right = _partition(v, j, descending, itype)
+        if not 0 < cut <= s:  # no left stop: not the sort modelled
             return None
-        if m <= cut:  # the boundary is left of the cut: swap the right stops in, drop the right part
-            v[left] = v[right]
-            idx[left] = idx[right]
-            v, idx = v[:cut], idx[:cut]
+        def at(pos: np.ndarray, a: np.ndarray | None) -> np.ndarray:  # a[pos] after the pivot swap (pos never 0)
+            out = pos.copy() if a is None else a[pos]
+            up = pos[::-1] if pos is right else pos  # left ascends, right descends
+            k = int(np.searchsorted(up, j))
+            if k < up.size and up[k] == j:
+                out[k if pos is left else pos.size - 1 - k] = 0 if a is None else a[0]
+            return out
+
+        def span(lo: int, hi: int) -> np.ndarray:  # ids[lo:hi], our own copy
+            return np.arange(lo, hi, dtype=itype) if ids is None else ids[lo:hi].copy()
+
+        id0, idj = (0, j) if ids is None else (ids[0], ids[j])
+        if m <= cut:  # the boundary is left of the cut: the right part drops out
+            nv, nids = v[:cut].copy(), span(0, cut)
+            nv[0], nids[0] = v[j], idj
+            if j < cut:
+                nv[j], nids[j] = v[0], id0
+            nv[left], nids[left] = at(right, v), at(right, ids)
         else:  # all of [0, cut) is in; follow the right part
-            mask[idx[:cut]] = True
-            mask[idx[left]] = False
-            mask[idx[right]] = True
-            v[right] = v[left]
-            idx[right] = idx[left]
-            v, idx, m = v[cut:], idx[cut:], m - cut
+            if ids is None:
+                mask[:cut] = True
+            else:
+                mask[ids[:cut]] = True
+            if j >= cut:
+                mask[id0], mask[idj] = False, True
+            mask[at(left, ids)] = False
+            mask[at(right, ids)] = True
+            nv, nids = v[cut:].copy(), span(cut, s)
+            if j >= cut:
+                nv[j - cut], nids[j - cut] = v[0], id0
+            nv[right - cut], nids[right - cut] = at(left, v), at(left, ids)
+            m -= cut
+        v, ids = nv, nids
+        del left, right
+    ids = np.arange(v.size) if ids is None else ids
     if m >= v.size:
-        mask[idx] = True
+        mask[ids] = True
     elif m > 0:  # the insertion sort: stable
         order = np.argsort(-v if descending else v, kind="stable")
-        mask[idx[order[:m]]] = True
+        mask[ids[order[:m]]] = True
     return mask
 
 
-def _median_to_first(v: np.ndarray, idx: np.ndarray, descending: bool) -> None:
-    """libstdc++'s __move_median_to_first(first, first + 1, mid, last - 1)."""
+def _median(v: np.ndarray, descending: bool) -> int:
+    """The position libstdc++'s __move_median_to_first(first, first + 1, mid, last - 1) swaps with first."""
     s = v.size
     a, b, c = 1, s // 2, s - 1
 
@@ -100,25 +128,23 @@ def _median_to_first(v: np.ndarray, idx: np.ndarray, descending: bool) -> None:
         return bool(v[i] > v[j]) if descending else bool(v[i] < v[j])
 
     if comp(a, b):
-        j = b if comp(b, c) else (c if comp(a, c) else a)
-    elif comp(a, c):
-        j = a
-    elif comp(b, c):
-        j = c
-    else:
-        j = b
-    v[0], v[j] = v[j], v[0]
-    idx[0], idx[j] = idx[j], idx[0]
+        return b if comp(b, c) else (c if comp(a, c) else a)
+    if comp(a, c):
+        return a
+    if comp(b, c):
+        return c
+    return b
 
 
-def _partition(v: np.ndarray, descending: bool) -> tuple[int, np.ndarray, np.ndarray]:
-    """libstdc++'s __unguarded_partition(first + 1, last, first): the cut, and the positions the
-    scans swapped (left[i] <-> right[i])."""
+def _partition(v: np.ndarray, j: int, descending: bool, itype: type) -> tuple[int, np.ndarray, np.ndarray]:
+    """libstdc++'s __unguarded_partition(first + 1, last, first) of v with [0] and [j] swapped: the cut,
+    and the positions the scans swap (left[i] <-> right[i])."""
     s = v.size
-    p = v[0]
+    p, v0 = v[j], v[0]
     lstop = v <= p if descending else v >= p  # where the left scan stops (from position 1)
-    lstop[0] = False
     rstop = v >= p if descending else v <= p  # where the right scan stops (the pivot at 0 included)
+    lstop[0], rstop[0] = False, True  # the pivot, at 0 after the swap
+    lstop[j], rstop[j] = (v0 <= p, v0 >= p) if descending else (v0 >= p, v0 <= p)
     # X: the last x with f(x) = B(x) - A(x) >= 0 (f does not increase; f(0) >= 0); pair i swaps iff L_i < X
     nb = s // _BLOCK
     a_at = np.zeros(nb + 1, dtype=np.int64)  # A and B-from-the-start at each block start
@@ -135,13 +161,20 @@ def _partition(v: np.ndarray, descending: bool) -> tuple[int, np.ndarray, np.nda
     np.cumsum(rstop[start:stop], out=r_in[1:])
     f_in = (r_total - int(r_at[c]) - r_in) - (int(a_at[c]) + a_in)
     x = start + int(np.count_nonzero(f_in >= 0)) - 1
-    left = np.flatnonzero(lstop[:x])  # L_0 .. L_mm-1
+    left = _positions(lstop, 0, x, itype)  # L_0 .. L_mm-1
     mm = left.size
-    right = np.flatnonzero(rstop[x:])[::-1][:mm] + x  # R_0 .. R_mm-1 (B(x) >= mm of them from x on)
+    right = _positions(rstop, x, s, itype)[::-1][:mm]  # R_0 .. R_mm-1 (B(x) >= mm of them from x on)
     l_next = x + int(np.argmax(lstop[x:])) if x < s else s
     l_mm = l_next if l_next < s and lstop[l_next] else s + 1  # the first left stop at or past x
     cut = min(l_mm, int(right[mm - 1]) if mm else s + 1)
     return cut, left, right
+
+
+def _positions(flags: np.ndarray, start: int, stop: int, itype: type) -> np.ndarray:
+    """Positions in [start, stop) where flags is set, as `itype`, a chunk at a time (no int64 copy of all)."""
+    parts = [np.flatnonzero(flags[lo : min(lo + _CHUNK, stop)]).astype(itype) + itype(lo)
+             for lo in range(start, stop, _CHUNK)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=itype)
 
 
 @functools.cache
