@@ -21,7 +21,8 @@ mergelab of another source tree when `--baseline` names one (e.g. the commit bef
 load that comes and goes on the machine falls on all of them alike. Reports median wall time
 and median peak RSS per case, and the ratios, as a markdown table. `--device cuda` runs mergelab's
 math on the GPU, `--mergekit-flags=--gpu-rich` passes flags to mergekit, `--small` makes small
-shapes (4 layers, hidden 256) for a smoke test; bench/gpu_check.sh runs all of them in one go.
+shapes (4 layers, hidden 256) for a smoke test, `--check` keeps the outputs and checks that
+mergekit's (and the baseline's) tensors equal mergelab's; bench/gpu_check.sh runs all of them in one go.
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="mergelab merge --device (cpu, cuda, ...); labels name it unless cpu")
     ap.add_argument("--mergekit-flags", default="", help="extra mergekit-yaml flags, given with '=': --mergekit-flags=--gpu-rich")
     ap.add_argument("--small", action="store_true", help="small shapes (4 layers, hidden 256): a smoke test in seconds")
+    ap.add_argument("--check", action="store_true", help="keep each command's first output and check, tensor by tensor, "
+                    "that mergekit's and the baseline's equal mergelab's")
     args = ap.parse_args()
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -178,6 +181,11 @@ def main() -> None:
             subprocess.run(["rm", "-rf", str(out)])
             runs[label].append(run_measured(cmd, cwd))
             print(f"{label}: {runs[label][-1][0]:.1f} s, {runs[label][-1][1]:.2f} GB", file=sys.stderr)
+            if args.check and round_ == 0:
+                kept = root / "kept" / label.replace(" ", "_")
+                subprocess.run(["rm", "-rf", str(kept)])
+                kept.parent.mkdir(exist_ok=True)
+                out.rename(kept)
     results = {label: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for label, rs in runs.items()}
     print("| case | median wall (s) | median peak RSS (GB) |\n|---|---:|---:|")
     for label, (s, gb) in results.items():
@@ -193,6 +201,31 @@ def main() -> None:
         if parts:
             print(f"\n{case}: " + "; ".join(parts), end="")
     print()
+    for case in CASES if args.check else ():
+        for other in ("mergekit", "baseline"):
+            theirs = [label for label in runs if label.startswith(f"{case} {other}")]
+            if f"{case} mergelab" in runs and theirs:
+                kept = root / "kept"
+                diff = same_tensors(kept / f"{case} mergelab".replace(" ", "_"), kept / theirs[0].replace(" ", "_"))
+                print(f"{case}: {other} == mergelab, tensor by tensor: " + ("yes" if not diff else f"no ({diff})"))
+
+
+def same_tensors(a: Path, b: Path) -> str:
+    """'' when every tensor of a and b has the same name, shape, dtype and bytes; else what differs."""
+    from mergelab.checkpoint import Checkpoint
+
+    ca, cb = Checkpoint(a), Checkpoint(b)
+    try:
+        if set(ca.tensors) != set(cb.tensors):
+            return f"tensor names differ ({len(set(ca.tensors) ^ set(cb.tensors))} not in both)"
+        for name in sorted(ca.tensors):
+            x, y = ca.read(name), cb.read(name)
+            if x.dtype != y.dtype or not torch.equal(x, y):
+                return f"{name} differs"
+        return ""
+    finally:
+        ca.close()
+        cb.close()
 
 
 def merge_command(recipe: Path, out: Path, device: str = "cpu", seed: int = 0) -> list[str]:

@@ -28,27 +28,9 @@ from pathlib import Path
 
 import torch
 
-from bench_merge import IO_FLOOR, merge_command, mergekit_command, recipes, run_measured, write_models
+from bench_merge import IO_FLOOR, merge_command, mergekit_command, recipes, run_measured, same_tensors, write_models
 
 IO = "I/O floor: read the 3 inputs, write 1 output"
-
-
-def same_tensors(a: Path, b: Path) -> str:
-    """'' when every tensor of a and b has the same name, shape, dtype and bytes; else what differs."""
-    from mergelab.checkpoint import Checkpoint
-
-    ca, cb = Checkpoint(a), Checkpoint(b)
-    try:
-        if set(ca.tensors) != set(cb.tensors):
-            return f"tensor names differ ({len(set(ca.tensors) ^ set(cb.tensors))} not in both)"
-        for name in sorted(ca.tensors):
-            x, y = ca.read(name), cb.read(name)
-            if x.dtype != y.dtype or not torch.equal(x, y):
-                return f"{name} differs"
-        return ""
-    finally:
-        ca.close()
-        cb.close()
 
 
 def machine() -> dict[str, str]:

@@ -78,10 +78,9 @@ def _prefix(keys: np.ndarray, m: int, descending: bool) -> np.ndarray | None:
             return None
         def at(pos: np.ndarray, a: np.ndarray | None) -> np.ndarray:  # a[pos] after the pivot swap (pos never 0)
             out = pos.copy() if a is None else a[pos]
-            up = pos[::-1] if pos is right else pos  # left ascends, right descends
-            k = int(np.searchsorted(up, j))
-            if k < up.size and up[k] == j:
-                out[k if pos is left else pos.size - 1 - k] = 0 if a is None else a[0]
+            k = _find(pos, j, ascending=pos is left)  # left ascends, right descends
+            if k >= 0:
+                out[k] = 0 if a is None else a[0]
             return out
 
         def span(lo: int, hi: int) -> np.ndarray:  # ids[lo:hi], our own copy
@@ -117,6 +116,18 @@ def _prefix(keys: np.ndarray, m: int, descending: bool) -> np.ndarray | None:
         order = np.argsort(-v if descending else v, kind="stable")
         mask[ids[order[:m]]] = True
     return mask
+
+
+def _find(pos: np.ndarray, j: int, ascending: bool) -> int:
+    """Where j is in the sorted `pos` (-1: absent); a bisection, no copy of `pos`."""
+    lo, hi = 0, pos.size
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if (pos[mid] < j) if ascending else (pos[mid] > j):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < pos.size and pos[lo] == j else -1
 
 
 def _median(v: np.ndarray, descending: bool) -> int:
