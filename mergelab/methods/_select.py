@@ -16,7 +16,7 @@ libstdc++'s introsort, so which of the tied elements it puts first depends on th
 (neither the first nor the last by position). Where the cut splits a tie group (most cuts over
 bf16-valued checkpoints; nearly none over float32 ones), `tie_break: mergekit` (the default)
 takes exactly the elements that sort puts first, found by following its partitions that hold
-the cut (`_sort_prefix`: a quickselect, no sort; about 4x cheaper), or by making mergekit's own
+the cut (`_sort_prefix`: a quickselect, no sort; 2.5-3x cheaper), or by making mergekit's own
 sort call where that model does not apply (small tensors, half-precision keys, a range the
 sort would heap-sort, a torch that sorts otherwise). `tie_break: position` takes them by
 position instead (the order of the same calls with `stable=True`): selection only, but not

@@ -28,7 +28,8 @@ sort, which is stable. Where the depth limit would switch to heap sort, we give 
 the caller sorts. The model is checked against torch's own sort once per process (`trusted`);
 if a torch build sorts otherwise, every call returns None and the caller sorts, as before.
 
-Cost: about 10 ns per element against 45-55 for the sort (numpy passes over halving ranges).
+Cost: 15-20 ns per key against 45-55 for the sort, and 10 bytes per key against 12 (numpy passes
+over ranges that halve; measured on 1.15e7-6.55e7 bf16 magnitudes).
 """
 
 from __future__ import annotations

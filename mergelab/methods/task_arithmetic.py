@@ -137,11 +137,11 @@ class TaskArithmeticFamily(MergeMethod):
                        for i in streams]
 
         def on_sort(j: int) -> None:
-            level = logging.WARNING if 16 * n > budget else logging.DEBUG
+            level = logging.WARNING if 14 * n > budget else logging.DEBUG
             log.log(level, "tensor '%s': model %d's density cut splits equal magnitudes; tie_break mergekit takes the whole "
                     "tensor's magnitudes to find the ones mergekit's sort keeps (~%.1f GB; --memory %.1f GB); "
                     "tie_break: position stays within --memory",
-                    inputs.name, streams[j], 16 * n / 1e9, budget / 1e9)
+                    inputs.name, streams[j], 14 * n / 1e9, budget / 1e9)
 
         found = windows_over_blocks(key_blocks, n, [windows[i] for i in streams], inputs.options["tie_break"], on_sort,
                                     sort_keys=_sparsify.keys)
