@@ -2,6 +2,7 @@
 
     python bench/search_dataflow.py                       # zoo seeds 0 1 2, 100 candidates per row
     python bench/search_dataflow.py --reduced --zoo-seeds 0 --budget 20   # a quick look
+    python bench/search_dataflow.py --deep                # the deep zoo (8 layers), in bench/zoos-deep/seed-N
 
 On each zoo seed (built or reused in `--zoos`/seed-N, as `bench/search_quality.py` does):
     parameter           `search/evolve.yaml` as it is (the default search), `--budget` candidates
@@ -17,6 +18,8 @@ and candidates per minute (merging or assembling, and scoring, one core). `--row
 else was tried: `data-flow+racing` (fitness.racing: first 0.25, keep 0.5, warmup 8) and
 `upscale` (`--budget` parameter candidates, then `--budget` data-flow candidates over that merge
 alone, its layers repeatable); `--optimizer` sets the data-flow searches' optimizer.
+`search/dataflow.yaml`'s depth bound is set for the 4-layer zoo (max_layers 8: twice a source's
+depth); on a zoo of other depth it is scaled to the same ratio (16 on the deep zoo), repeats kept.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from mergelab.evolve.report import STAGES
 ROOT = Path(__file__).resolve().parents[1]
 PARAM_JOB = ROOT / "search" / "evolve.yaml"
 FLOW_JOB = ROOT / "search" / "dataflow.yaml"
+FLOW_JOB_DEPTH = 4  # the depth of the zoo models search/dataflow.yaml's max_layers is set for
 ROWS = ("parameter", "data-flow", "parameter+data-flow")  # the comparison at equal budget (the default)
 MORE = ("data-flow+racing", "upscale")  # what else was tried (--rows)
 
@@ -58,6 +62,7 @@ def _search(template: Path, where: Path, zoo: Path, budget: int, seed: int, firs
     data.setdefault("optimizer", {}).update(budget=budget, seed=seed)
     data["workers"] = {"count": 1, "device": "cpu"}
     if "dataflow" in data:
+        data["dataflow"]["max_layers"] = data["dataflow"]["max_layers"] * zoo_depth(zoo) // FLOW_JOB_DEPTH
         if optimizer is not None:
             data["optimizer"]["name"] = optimizer
         if racing:
@@ -68,6 +73,11 @@ def _search(template: Path, where: Path, zoo: Path, budget: int, seed: int, firs
         data["fitness"]["terms"] = [{"task": t, "expert": f"../zoo/experts/{t}"} for t in data["fitness"]["terms"]]
     result = run_search(load_job(_beside_zoo(where, zoo, data)), where / "run", progress=False)
     return result, read_trials(where / "run")
+
+
+def zoo_depth(zoo: Path) -> int:
+    """The layers of the zoo's models (zoo.json's plan)."""
+    return json.loads((zoo / "zoo.json").read_text())["plan"]["arch"]["num_hidden_layers"]
 
 
 def run_one(zoo: str, row: str, seed: int, budget: int, optimizer: str | None = None) -> dict[str, Any]:
@@ -106,11 +116,13 @@ def run_one(zoo: str, row: str, seed: int, budget: int, optimizer: str | None = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoos", type=Path, default=ROOT / "bench" / "zoos", help="where the zoos are built (reused)")
+    parser.add_argument("--zoos", type=Path, help="where the zoos are built (reused; default bench/zoos or bench/zoos-deep)")
     parser.add_argument("--zoo-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--search-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--budget", type=int, default=100, help="candidates per row (split in half for parameter+data-flow)")
-    parser.add_argument("--reduced", action="store_true", help="the reduced zoo (a quick look, not the README's numbers)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--reduced", action="store_true", help="the reduced zoo (a quick look, not the README's numbers)")
+    size.add_argument("--deep", action="store_true", help="the deep zoo (8 layers; default --zoos: bench/zoos-deep)")
     parser.add_argument("--jobs", type=int, default=2, help="searches run at once (processes)")
     parser.add_argument("--json", type=Path, help="also write every result here")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS + MORE)}")
@@ -123,9 +135,10 @@ def main() -> None:
 
     from mergelab.zoo import build_zoo
 
+    args.zoos = args.zoos or ROOT / "bench" / ("zoos-deep" if args.deep else "zoos")
     wall = time.perf_counter()
-    zoos = {s: build_zoo(args.zoos / f"seed-{s}{'-reduced' if args.reduced else ''}", seed=s, reduced=args.reduced)
-            for s in args.zoo_seeds}
+    zoos = {s: build_zoo(args.zoos / f"seed-{s}{'-reduced' if args.reduced else ''}", seed=s, reduced=args.reduced,
+                         deep=args.deep) for s in args.zoo_seeds}
     built = time.perf_counter() - wall
     tasks = [(str(zoos[z]), row, s, args.budget, args.optimizer) for z in args.zoo_seeds for row in args.rows
              for s in args.search_seeds]
@@ -146,18 +159,19 @@ def _print(args: argparse.Namespace, zoos: dict[int, Path], results: list[dict],
     seeds = list(zoos)
     fixed = {z: hand_set(p) for z, p in zoos.items()}
     print(f"mean test accuracy over the expert skills; zoo seeds {seeds}, search seeds {args.search_seeds}, "
-          f"{args.budget} candidates per row{' (reduced zoo)' if args.reduced else ''}\n")
+          f"{args.budget} candidates per row{' (reduced zoo)' if args.reduced else ' (deep zoo)' if args.deep else ''}\n")
     print(f"| row | mean +- sd | {' | '.join(f'zoo {z}' for z in seeds)} | depth | routes tried | s per search | "
           "s per candidate (median) | candidates per minute |")
     print(f"|---|---|{'---|' * len(seeds)}---|---|---|---|---|")
+    layers = zoo_depth(zoos[seeds[0]])
     for label, prefix in (("best uniform merge", "uniform:"), ("best expert", "expert:")):
         per = {z: max(v for k, v in fixed[z].items() if k.startswith(prefix)) for z in seeds}
-        print(f"| {label} | {_fmt(list(per.values()))} | {' | '.join(f'{per[z]:.3f}' for z in seeds)} | 4 | - | - | - | - |")
+        print(f"| {label} | {_fmt(list(per.values()))} | {' | '.join(f'{per[z]:.3f}' for z in seeds)} | {layers} | - | - | - | - |")
     for row in args.rows:
         mine = [r for r in results if r["row"] == row]
         per = {z: [_mean(list(r["accuracy"].values())) for r in mine if r["zoo"] == str(p)] for z, p in zoos.items()}
         depths = [r["depth"] for r in mine if r["depth"] is not None]
-        depth = f"{_mean(depths):.1f} ({min(depths)}-{max(depths)})" if depths else "4"
+        depth = f"{_mean(depths):.1f} ({min(depths)}-{max(depths)})" if depths else str(layers)
         cand = {k: _mean([r["candidate_seconds"][k] for r in mine if k in r["candidate_seconds"]])
                 for k in STAGES if any(k in r["candidate_seconds"] for r in mine)}
         routes = [r["routes"] for r in mine if r.get("routes") is not None]

@@ -68,7 +68,9 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
     b = zsub.add_parser("build", help="train the zoo into DIR (reuses a complete one; minutes on CPU)")
     b.add_argument("dir", help="zoo folder (built as DIR.partial/, renamed at the end)")
     b.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and batch order (default 0)")
-    b.add_argument("--reduced", action="store_true", help="smaller, faster zoo (what the test suite uses)")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("--reduced", action="store_true", help="smaller, faster zoo (what the test suite uses)")
+    size.add_argument("--deep", action="store_true", help="eight narrower layers, for data-flow (layer routing) search")
     b.add_argument("--overwrite", action="store_true", help="replace DIR if it holds a zoo built with other settings")
     b.add_argument("--workers", type=int, default=None, help="processes training experts/adapters (default 2)")
     b.set_defaults(func=_run_zoo_build)
@@ -77,7 +79,8 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
 def _run_zoo_build(args: argparse.Namespace) -> int:
     from mergelab.zoo import build_zoo
 
-    out = build_zoo(args.dir, seed=args.seed, reduced=args.reduced, overwrite=args.overwrite, workers=args.workers)
+    out = build_zoo(args.dir, seed=args.seed, reduced=args.reduced, overwrite=args.overwrite, workers=args.workers,
+                    deep=args.deep)
     print(out)
     return 0
 

@@ -14,11 +14,13 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from mergelab.cli import main
-from mergelab.errors import OutputError
+from mergelab.errors import MergelabError, OutputError
 from mergelab.eval import load_model, load_task, read_jsonl, score
 from mergelab.zoo import ADAPTERS, EXPERTS, HELD_OUT, SKILLS, build_zoo, open_zoo
 from mergelab.zoo import build as zoo_build
 from mergelab.zoo.skills import SPLITS, make_splits
+from mergelab.zoo.tokenizer import build_tokenizer
+from mergelab.zoo.train import model_config, new_model
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -188,7 +190,8 @@ def stub_build(monkeypatch):
         root.mkdir(parents=True)
         (root / "base").mkdir()
         (root / "base" / "model.safetensors").write_bytes(b"weights")
-        return {"format": zoo_build.FORMAT, "seed": seed, "reduced": reduced, "plan": json.loads(json.dumps(asdict(plan)))}
+        return {"format": zoo_build.FORMAT, "seed": seed, "reduced": reduced, "deep": plan == zoo_build.DEEP,
+                "plan": json.loads(json.dumps(asdict(plan)))}
 
     monkeypatch.setattr(zoo_build, "_build_into", fake)
     return calls
@@ -217,6 +220,24 @@ def test_half_built_zoo_is_rebuilt(tmp_path, stub_build):
         build_zoo(out, reduced=True)
     build_zoo(out, reduced=True, overwrite=True)
     assert len(stub_build) == 4
+
+
+def test_deep_zoo_is_its_own_size(tmp_path, stub_build, capsys):
+    model = new_model(model_config(build_tokenizer(), zoo_build.DEEP.arch), 0)
+    assert len(model.model.layers) == 8 == 2 * zoo_build.REDUCED.arch.num_hidden_layers
+    out = tmp_path / "deep"
+    assert main(["zoo", "build", str(out), "--deep"]) == 0
+    manifest = json.loads((out / zoo_build.MANIFEST).read_text())
+    assert manifest["deep"] and manifest["plan"]["arch"]["num_hidden_layers"] == 8
+    build_zoo(out, deep=True)  # complete: reused
+    assert len(stub_build) == 1
+    with pytest.raises(OutputError, match="seed=0 reduced=False deep=True;"):  # another size: not replaced
+        build_zoo(out)
+    with pytest.raises(MergelabError, match="reduced=True and deep=True"):
+        build_zoo(tmp_path / "both", reduced=True, deep=True)
+    with pytest.raises(SystemExit):
+        main(["zoo", "build", str(tmp_path / "both"), "--reduced", "--deep"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_refuses_to_replace_a_foreign_folder(tmp_path, stub_build):

@@ -47,14 +47,14 @@ from tqdm.auto import tqdm
 
 from mergelab.errors import OutputError
 from mergelab.zoo.members import MemberJob, member_seed, save_model, train_member
-from mergelab.zoo.plans import FULL, REDUCED, BuildPlan
+from mergelab.zoo.plans import DEEP, FULL, REDUCED, BuildPlan, plan_for
 from mergelab.zoo.properties import measure, report_misses
 from mergelab.zoo.roles import ADAPTERS, EXPERTS, GENERAL, HELD_OUT, SPLIT_SIZES, TAUGHT, base_mixture, task_splits, write_tasks
 from mergelab.zoo.skills import SKILLS
 from mergelab.zoo.tokenizer import build_tokenizer
 from mergelab.zoo.train import deterministic, model_config, new_model, train
 
-__all__ = ["ADAPTERS", "EXPERTS", "FULL", "GENERAL", "HELD_OUT", "MANIFEST", "REDUCED", "SPLIT_SIZES", "TAUGHT",
+__all__ = ["ADAPTERS", "DEEP", "EXPERTS", "FULL", "GENERAL", "HELD_OUT", "MANIFEST", "REDUCED", "SPLIT_SIZES", "TAUGHT",
            "BuildPlan", "MemberJob", "build_zoo", "read_manifest", "task_splits", "train_member"]
 
 log = logging.getLogger(__name__)
@@ -64,25 +64,28 @@ FORMAT = 4  # 4: general skills whole in the base, taught skills cut short (3: p
 
 
 def build_zoo(
-    dir: str | Path, seed: int = 0, reduced: bool = False, overwrite: bool = False, workers: int | None = None
+    dir: str | Path, seed: int = 0, reduced: bool = False, overwrite: bool = False, workers: int | None = None,
+    deep: bool = False,
 ) -> Path:
     """Build the zoo into `dir` (or reuse a complete one built with the same settings); returns `dir`.
+
+    `reduced`: the test suite's smaller zoo; `deep`: eight layers, for data-flow search (`plans.py`).
 
     `workers` processes (default: 2, or 1 on a one-core machine) train the experts and adapters;
     the weights do not depend on it.
     """
-    out = Path(dir)
-    if _is_complete(out, seed, reduced):
+    out, plan = Path(dir), plan_for(reduced, deep)
+    if _is_complete(out, seed, reduced, plan):
         log.info("reusing the complete zoo in %s", out)
         return out
-    _check_replaceable(out, seed, reduced, overwrite)
+    _check_replaceable(out, seed, reduced, plan, overwrite)
     building = out.with_name(out.name + ".partial")
     if building.exists():
         log.info("removing the half-built %s", building)
         shutil.rmtree(building)
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     start = time.perf_counter()
-    manifest = _build_into(building, seed, REDUCED if reduced else FULL, reduced, workers)
+    manifest = _build_into(building, seed, plan, reduced, workers)
     manifest["build_seconds"] = round(time.perf_counter() - start, 1)
     _write_manifest(building, manifest)  # last: its presence marks the zoo complete
     if out.exists():
@@ -101,10 +104,10 @@ def read_manifest(dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def _is_complete(out: Path, seed: int, reduced: bool) -> bool:
+def _is_complete(out: Path, seed: int, reduced: bool, plan: BuildPlan) -> bool:
     """A manifest for these settings, and every file it lists present with its recorded size."""
     manifest = read_manifest(out)
-    if manifest is None or _settings(manifest) != _settings_of(seed, reduced):
+    if manifest is None or _settings(manifest) != _settings_of(seed, reduced, plan):
         return False
     files = manifest.get("files", {})
     return bool(files) and all(
@@ -117,18 +120,20 @@ def _settings(manifest: dict[str, Any]) -> tuple[Any, Any, Any]:
     return manifest.get("seed"), manifest.get("reduced"), (manifest.get("format"), manifest.get("plan"))
 
 
-def _settings_of(seed: int, reduced: bool) -> tuple[Any, Any, Any]:
-    return seed, reduced, (FORMAT, json.loads(json.dumps(asdict(REDUCED if reduced else FULL))))
+def _settings_of(seed: int, reduced: bool, plan: BuildPlan) -> tuple[Any, Any, Any]:
+    return seed, reduced, (FORMAT, json.loads(json.dumps(asdict(plan))))
 
 
-def _check_replaceable(out: Path, seed: int, reduced: bool, overwrite: bool) -> None:
+def _check_replaceable(out: Path, seed: int, reduced: bool, plan: BuildPlan, overwrite: bool) -> None:
     """Refuse to replace a folder that is not a zoo, or a zoo built with other settings."""
     if not out.exists() or overwrite:
         return
     manifest = read_manifest(out)
-    if manifest is not None and _settings(manifest) != _settings_of(seed, reduced):
-        same_plan = _settings(manifest)[2] == _settings_of(seed, reduced)[2]
-        built = f"seed={manifest.get('seed')} reduced={manifest.get('reduced')}" + ("" if same_plan else " and an older training plan")
+    if manifest is not None and _settings(manifest) != _settings_of(seed, reduced, plan):
+        same_plan = _settings(manifest)[2] == _settings_of(seed, reduced, plan)[2]
+        other_size = bool(manifest.get("deep")) != (plan == DEEP)  # an older manifest has no "deep": not deep
+        built = f"seed={manifest.get('seed')} reduced={manifest.get('reduced')} deep={bool(manifest.get('deep'))}"
+        built += "" if same_plan or other_size else " and an older training plan"
         raise OutputError(f"{out}: holds a zoo built with {built}; pass overwrite=True or choose another folder",
                           arguments=("overwrite",))
     foreign = sorted(p.name for p in out.iterdir() if p.name not in {"base", "experts", "adapters", "tasks", MANIFEST})
@@ -163,6 +168,7 @@ def _build_into(root: Path, seed: int, plan: BuildPlan, reduced: bool, workers: 
         "format": FORMAT,
         "seed": seed,
         "reduced": reduced,
+        "deep": plan == DEEP,
         "skills": {name: skill.kind for name, skill in SKILLS.items()},
         "experts": list(EXPERTS),
         "adapters": list(ADAPTERS),

@@ -1,10 +1,12 @@
-"""The zoo's sizes: architecture and training budgets of the full zoo and of the reduced one
-the test suite builds, with the margins each build's properties must meet (`properties.py`)."""
+"""The zoo's sizes: architecture and training budgets of the full zoo, of the reduced one the
+test suite builds and of the deep one data-flow search routes, with the margins each build's
+properties must meet (`properties.py`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mergelab.errors import MergelabError
 from mergelab.zoo.properties import Targets
 from mergelab.zoo.train import Arch, TrainSpec
 
@@ -55,3 +57,27 @@ REDUCED = BuildPlan(
     adapter=TrainSpec(steps=100, lr=1e-2),
     targets=Targets(base_max=0.02, expert_min=0.7, kept_max=0.75),
 )
+# For data-flow search (bench/search_dataflow.py --deep): eight layers, so a route has 3 x 8 source
+# layers to choose from and can leave one expert halfway down. FULL's budgets at REDUCED's width
+# (48 / 96: a step of eight such layers costs about what four of 64 / 192 do): the base learned
+# the general skills on seeds 0-2 (loss 0.130 / 0.157 / 0.237, FULL's 0.126-0.136), every expert
+# scores 0.996-1.000 on its skill, the base 0.000-0.004, and the best uniform merge keeps 0.39 /
+# 0.27 / 0.14 of the gain: FULL's targets with wide margins. REDUCED's budgets at eight layers
+# (base 400 steps on every token, experts 400 at lr 6e-3) built in 137-192 s and met REDUCED's
+# targets too (experts 0.96-1.00), but its experts learn their skill nearly from scratch, so no
+# merge keeps anything (0.00 on seeds 0-2) and a parameter search found one skill only (0.30
+# mean, below the best expert's 0.33): no zoo to compare merging on. This one takes about 17
+# minutes when three seeds build at once on the 2 cores, one worker each (about 5 alone, est.).
+DEEP = BuildPlan(
+    arch=Arch(hidden_size=48, intermediate_size=96, num_hidden_layers=8, num_attention_heads=4),
+    base=TrainSpec(steps=2000, lr=3e-3),
+    expert=TrainSpec(steps=800, lr=2e-3),
+    adapter=TrainSpec(steps=200, lr=5e-3),
+)
+
+
+def plan_for(reduced: bool = False, deep: bool = False) -> BuildPlan:
+    """The plan of a zoo size: FULL, REDUCED or DEEP (not both reduced and deep)."""
+    if reduced and deep:
+        raise MergelabError("reduced=True and deep=True: a zoo has one size; pass one of them", arguments=("reduced", "deep"))
+    return DEEP if deep else REDUCED if reduced else FULL
