@@ -66,8 +66,8 @@ REDUCED = BuildPlan(
 # (base 400 steps on every token, experts 400 at lr 6e-3) built in 137-192 s and met REDUCED's
 # targets too (experts 0.96-1.00), but its experts learn their skill nearly from scratch, so no
 # merge keeps anything (0.00 on seeds 0-2) and a parameter search found one skill only (0.30
-# mean, below the best expert's 0.33): no zoo to compare merging on. This one takes about 17
-# minutes when three seeds build at once on the 2 cores, one worker each (about 5 alone, est.).
+# mean, below the best expert's 0.33): no zoo to compare merging on. This one builds in 226 s
+# alone on the 2 cores (seed 0; FULL: 204-233 s), 988-999 s with three seeds at once.
 DEEP = BuildPlan(
     arch=Arch(hidden_size=48, intermediate_size=96, num_hidden_layers=8, num_attention_heads=4),
     base=TrainSpec(steps=2000, lr=3e-3),
