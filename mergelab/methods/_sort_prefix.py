@@ -77,12 +77,6 @@ def _prefix(keys: np.ndarray, m: int, descending: bool) -> np.ndarray | None:
         cut, left, right = _partition(v, j, descending, itype)
         if not 0 < cut <= s:  # no left stop: not the sort modelled
             return None
-        def at(pos: np.ndarray, a: np.ndarray | None) -> np.ndarray:  # a[pos] after the pivot swap (pos never 0)
-            out = pos.copy() if a is None else a[pos]
-            k = _find(pos, j, ascending=pos is left)  # left ascends, right descends
-            if k >= 0:
-                out[k] = 0 if a is None else a[0]
-            return out
 
         def span(lo: int, hi: int) -> np.ndarray:  # ids[lo:hi], our own copy
             return np.arange(lo, hi, dtype=itype) if ids is None else ids[lo:hi].copy()
@@ -93,20 +87,21 @@ def _prefix(keys: np.ndarray, m: int, descending: bool) -> np.ndarray | None:
             nv[0], nids[0] = v[j], idj
             if j < cut:
                 nv[j], nids[j] = v[0], id0
-            nv[left], nids[left] = at(right, v), at(right, ids)
+            nv[left], nids[left] = _swapped(right, v, j, False), _swapped(right, ids, j, False)
         else:  # all of [0, cut) is in; follow the right part
+            left_ids, right_ids = _swapped(left, ids, j, True), _swapped(right, ids, j, False)
             if ids is None:
                 mask[:cut] = True
             else:
                 mask[ids[:cut]] = True
             if j >= cut:
                 mask[id0], mask[idj] = False, True
-            mask[at(left, ids)] = False
-            mask[at(right, ids)] = True
+            mask[left_ids] = False
+            mask[right_ids] = True
             nv, nids = v[cut:].copy(), span(cut, s)
             if j >= cut:
                 nv[j - cut], nids[j - cut] = v[0], id0
-            nv[right - cut], nids[right - cut] = at(left, v), at(left, ids)
+            nv[right - cut], nids[right - cut] = _swapped(left, v, j, True), left_ids
             m -= cut
         v, ids = nv, nids
         del left, right
@@ -117,6 +112,15 @@ def _prefix(keys: np.ndarray, m: int, descending: bool) -> np.ndarray | None:
         order = np.argsort(-v if descending else v, kind="stable")
         mask[ids[order[:m]]] = True
     return mask
+
+
+def _swapped(pos: np.ndarray, a: np.ndarray | None, j: int, ascending: bool) -> np.ndarray:
+    """a[pos] once [0] and [j] are swapped (a None: the identity); `pos` sorted, never holding 0."""
+    out = pos.copy() if a is None else a[pos]
+    k = _find(pos, j, ascending)
+    if k >= 0:
+        out[k] = 0 if a is None else a[0]
+    return out
 
 
 def _find(pos: np.ndarray, j: int, ascending: bool) -> int:
